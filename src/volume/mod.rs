@@ -8,6 +8,8 @@ mod check;
 mod create;
 mod io;
 mod locks;
+#[cfg(test)]
+mod tests;
 
 pub use assemble::{assemble, AssembleError};
 pub use check::{check, CheckReport};
