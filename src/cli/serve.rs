@@ -96,8 +96,11 @@ pub async fn run(args: ServeArgs) -> Result<i32, String> {
         format_size(g.chunk),
         format_size(volume.size())
     );
-    for (slot, m) in volume.members().iter().enumerate() {
-        tracing::info!("  slot {slot}: {} ({})", m.path().display(), if m.is_direct() { "O_DIRECT" } else { "buffered" });
+    for (slot, m) in volume.member_paths().iter().enumerate() {
+        match m {
+            Some((path, direct)) => tracing::info!("  slot {slot}: {} ({})", path.display(), if *direct { "O_DIRECT" } else { "buffered" }),
+            None => tracing::warn!("  slot {slot}: lost (serving degraded)"),
+        }
     }
     if demo {
         print_demo_help(volume.name(), &listen);
