@@ -16,6 +16,8 @@ mod rebuild;
 pub mod status;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod failure_tests;
 
 pub use admin::AdminError;
 pub use assemble::{assemble, AssembleError};

@@ -31,6 +31,9 @@ const PERSIST_EVERY: Duration = Duration::from_secs(2);
 pub(super) struct RebuildControl {
     wake: Notify,
     stopping: AtomicBool,
+    /// Wakes a rebuild that is pausing for the throttle, so shutdown need not wait for it.
+    stop: Notify,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Bytes per second written to the new member; 0 = unlimited.
     max_rate: AtomicU64,
     /// Per slot being rebuilt: when this run started and its checkpoint then (for rate and ETA).
@@ -92,14 +95,21 @@ struct Pacer {
 }
 
 impl Pacer {
-    async fn pace(&mut self, bytes: u64, rate: Option<u64>) {
+    async fn pace(&mut self, bytes: u64, control: &RebuildControl) {
         let now = Instant::now();
-        let Some(rate) = rate else {
+        let Some(rate) = control.max_rate() else {
             self.next = now;
             return;
         };
         self.next = self.next.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
-        tokio::time::sleep_until(self.next.into()).await;
+        let stopped = control.stop.notified();
+        if control.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(self.next.into()) => {}
+            _ = stopped => {}
+        }
     }
 }
 
@@ -109,7 +119,7 @@ impl Volume {
     pub fn start_background(self: &Arc<Self>) {
         let weak: Weak<Volume> = Arc::downgrade(self);
         let control = self.rebuild.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 let Some(volume) = weak.upgrade() else { return };
                 if control.stopping.load(Ordering::SeqCst) {
@@ -120,6 +130,7 @@ impl Volume {
                 control.wake.notified().await;
             }
         });
+        *self.rebuild.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         self.rebuild.wake();
     }
 
@@ -182,7 +193,7 @@ impl Volume {
                 self.persist_progress().await;
                 persisted = Instant::now();
             }
-            pacer.pace(batch * self.geometry.chunk, self.rebuild.max_rate()).await;
+            pacer.pace(batch * self.geometry.chunk, &self.rebuild).await;
         };
         self.rebuild.end_run(slot);
         outcome
@@ -304,12 +315,18 @@ impl Volume {
     /// Stops the rebuild task at the next batch.
     pub fn stop_background(&self) {
         self.rebuild.stopping.store(true, Ordering::SeqCst);
+        self.rebuild.stop.notify_waiters();
         self.rebuild.wake();
     }
 
-    /// Clean shutdown: stop rebuilding and record how far it got, so a restart resumes there.
+    /// Clean shutdown: stop rebuilding, wait for the rebuild task to let go of the volume, and
+    /// record how far it got, so a restart resumes there.
     pub async fn shutdown(&self) {
         self.stop_background();
+        let task = self.rebuild.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
         if self.health().rebuilding() {
             self.persist_progress().await;
         }
