@@ -764,7 +764,7 @@ async fn in_flight_limit_is_respected() {
         read_n(&mut s, 4096).await;
     }
     let peak = h.dev.max_active.load(Ordering::SeqCst);
-    assert!(peak <= 8 && peak >= 2, "peak {peak}");
+    assert!((2..=8).contains(&peak), "peak {peak}");
     h.stop().await;
 }
 
@@ -896,27 +896,29 @@ async fn tcp_listener() {
         let _ = rx.await;
     }));
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut g = [0u8; 18];
-    s.read_exact(&mut g).await.unwrap();
-    s.write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes())
-        .await
-        .unwrap();
-    s.write_all(&encode_option_header(OPT_EXPORT_NAME, 0))
-        .await
-        .unwrap();
-    let mut r = [0u8; 134];
-    s.read_exact(&mut r).await.unwrap();
-    assert_eq!(&r[..8], &SIZE.to_be_bytes());
-    let req = Request {
-        flags: 0,
-        command: Command::Read,
-        cookie: 3,
-        offset: 0,
-        length: 4,
+    let exchange = async {
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).await?;
+        s.write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes()).await?;
+        s.write_all(&encode_option_header(OPT_EXPORT_NAME, 0))
+            .await?;
+        let mut r = [0u8; 134];
+        s.read_exact(&mut r).await?;
+        assert_eq!(&r[..8], &SIZE.to_be_bytes());
+        assert!(r[10..].iter().all(|&b| b == 0));
+        let req = Request {
+            flags: 0,
+            command: Command::Read,
+            cookie: 3,
+            offset: 0,
+            length: 4,
+        };
+        s.write_all(&encode_request(&req)).await?;
+        let mut reply = [0u8; 20];
+        s.read_exact(&mut reply).await?;
+        std::io::Result::Ok(reply)
     };
-    s.write_all(&encode_request(&req)).await.unwrap();
-    let mut reply = [0u8; 20];
-    s.read_exact(&mut reply).await.unwrap();
+    let reply = timeout(T, exchange).await.expect("timely").unwrap();
     assert_eq!(&reply[..16], &encode_simple_reply(3, 0));
     assert_eq!(&reply[16..], b"tcp!");
     tx.send(()).unwrap();
@@ -928,12 +930,14 @@ async fn tcp_listener() {
 // Real, independent clients
 // ---------------------------------------------------------------------------------------------
 
-/// Runs a command to completion off the async threads; panics with its output if it fails.
+/// Runs a command to completion off the async threads, killed after two minutes so a protocol
+/// bug shows up as a failure rather than a hung test; panics with its output if it fails.
 async fn run_tool(args: Vec<String>) -> String {
     let shown = args.join(" ");
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(&args[0])
-            .args(&args[1..])
+        std::process::Command::new("timeout")
+            .args(["--kill-after=5", "120"])
+            .args(&args)
             .output()
     })
     .await
