@@ -820,6 +820,61 @@ async fn shutdown_drains_then_refuses_with_eshutdown() {
     assert_eq!(stats.connections, 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_a_client_that_stops_reading() {
+    let h = start_with(
+        MemDevice::new(),
+        ServerConfig {
+            shutdown_grace: Duration::from_millis(200),
+            ..config()
+        },
+    )
+    .await;
+    let mut s = open(&h, false).await;
+    // 64 MiB of replies that are never read: the writer blocks on a full socket buffer.
+    for i in 0..64 {
+        send_req(&mut s, CMD_READ, 0, i, 0, 1 << 20).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stats = h.stop().await;
+    assert_eq!(stats.connections, 1);
+    drop(s);
+}
+
+#[tokio::test]
+async fn serve_waits_for_running_device_operations() {
+    let gate = Arc::new(Semaphore::new(0));
+    let mut h = start(MemDevice {
+        gate: Some((0, gate.clone())),
+        // Block 1 answers after 50 ms, when the client is gone: that write fails and ends the
+        // reply writer, so only the gated request task itself is still running.
+        reverse_delay: Some((Duration::from_millis(50), 2)),
+        ..MemDevice::new()
+    })
+    .await;
+    let mut s = open(&h, false).await;
+    send_req(&mut s, CMD_READ, 0, 1, 0, 512).await;
+    send_req(&mut s, CMD_READ, 0, 2, 4096, 512).await;
+    timeout(T, async {
+        while h.dev.active.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap();
+    drop(s); // the client is gone, but its read is still inside the device
+    h.begin_shutdown().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !h.task.is_finished(),
+        "serve returned while a device op was running"
+    );
+    gate.add_permits(1);
+    let dev = h.dev.clone();
+    h.stop().await;
+    assert_eq!(dev.active.load(Ordering::SeqCst), 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Listeners
 // ---------------------------------------------------------------------------------------------
