@@ -1105,3 +1105,33 @@ async fn nbdcopy_round_trips_a_random_image() {
     let stats = h.stop().await;
     assert!(stats.connections >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fio_random_writes_verify_with_deep_queues() {
+    let h = start(MemDevice::new()).await;
+    let out = run_tool(vec![
+        s("fio"),
+        s("--name=verify"),
+        s("--ioengine=nbd"),
+        format!("--uri={}", h.uri()),
+        s("--rw=randwrite"),
+        s("--bsrange=512-64k"),
+        s("--iodepth=64"),
+        s("--size=8M"),
+        s("--verify=crc32c"),
+        s("--do_verify=1"),
+        s("--verify_fatal=1"),
+        s("--output-format=json"),
+    ])
+    .await;
+    let json = &out[out.find('{').expect("fio JSON")..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio JSON");
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"], 0, "{job}");
+    assert!(job["write"]["io_bytes"].as_u64().unwrap() >= SIZE, "{job}");
+    assert!(
+        job["read"]["io_bytes"].as_u64().unwrap() >= SIZE,
+        "verify pass read: {job}"
+    );
+    h.stop().await;
+}
