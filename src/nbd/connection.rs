@@ -13,6 +13,10 @@
 //!
 //! Teardown falls out of channel ownership: the reader and each request task hold a sender, so
 //! the writer ends exactly when the reader has stopped and every request has produced its reply.
+//! On server shutdown, requests already read are executed and answered, later ones get
+//! `ESHUTDOWN`, and the connection closes once nothing is in flight; if the client stops reading,
+//! the writer is aborted after the grace period. Request tasks also hold the server's `alive`
+//! handle, so `serve` never returns while a device operation is still running.
 
 use super::device::{BlockDevice, DeviceError};
 use super::handshake::{self, ExportInfo, Outcome};
