@@ -1121,6 +1121,7 @@ async fn fio_random_writes_verify_with_deep_queues() {
         s("--verify=crc32c"),
         s("--do_verify=1"),
         s("--verify_fatal=1"),
+        s("--verify_state_save=0"),
         s("--output-format=json"),
     ])
     .await;
