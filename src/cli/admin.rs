@@ -280,20 +280,32 @@ async fn wait_for_rebuilds(control: &Path) -> Result<i32, String> {
     }
 }
 
+/// One bar per running rebuild, keyed by (slot, target).
+type Bars = (MultiProgress, BTreeMap<(u32, String), ProgressBar>);
+
 /// Progress of the running rebuilds: bars on a terminal, otherwise a plain line now and then.
 struct Progress {
-    bars: Option<(MultiProgress, BTreeMap<(u32, String), ProgressBar>)>,
+    bars: Option<Bars>,
     last_plain: Option<Instant>,
+    /// Rebuilds shown in plain mode, to report each one's end.
+    plain_seen: Vec<(u32, String)>,
+    drew_bars: bool,
 }
 
 impl Progress {
     fn new(terminal: bool) -> Progress {
         let bars = terminal.then(|| (MultiProgress::with_draw_target(ProgressDrawTarget::stdout()), BTreeMap::new()));
-        Progress { bars, last_plain: None }
+        Progress { bars, last_plain: None, plain_seen: Vec::new(), drew_bars: false }
     }
 
     fn update(&mut self, rebuilds: &[RebuildStatus]) {
         let Some((multi, bars)) = &mut self.bars else {
+            for (slot, target) in &self.plain_seen {
+                if !rebuilds.iter().any(|r| (r.slot, &r.target) == (*slot, target)) {
+                    println!("rebuild slot {slot} -> {target}: done");
+                }
+            }
+            self.plain_seen = rebuilds.iter().map(|r| (r.slot, r.target.clone())).collect();
             if self.last_plain.is_none_or(|t| t.elapsed() >= PLAIN_INTERVAL) {
                 for r in rebuilds {
                     println!("{}", rebuild_line(r));
@@ -305,6 +317,7 @@ impl Progress {
         let style = ProgressStyle::with_template("{prefix} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ");
+        self.drew_bars |= !rebuilds.is_empty();
         for r in rebuilds {
             let bar = bars.entry((r.slot, r.target.clone())).or_insert_with(|| {
                 let bar = multi.add(ProgressBar::new(r.total_bytes));
@@ -326,11 +339,12 @@ impl Progress {
         });
     }
 
-    fn finish(self) {
-        if let Some((_, bars)) = self.bars {
-            for bar in bars.values() {
-                bar.finish_with_message("done");
-            }
+    fn finish(mut self) {
+        // Reports (plain) or finishes (bars) every rebuild still shown.
+        self.update(&[]);
+        if self.drew_bars {
+            // indicatif leaves the cursor at the end of the last bar.
+            println!();
         }
     }
 }
@@ -597,5 +611,118 @@ mod tests {
             Ok(AdminCommand::Replace(a)) => assert!(a.old == "1" && a.new == Path::new("new1") && a.wait.wait),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A daemon that plays back a script of statuses (the last one repeats) and records requests.
+    struct Scripted {
+        statuses: std::sync::Mutex<std::collections::VecDeque<VolumeStatus>>,
+        log: std::sync::Mutex<Vec<Request>>,
+    }
+
+    impl crate::control::api::Admin for Scripted {
+        async fn handle(&self, request: Request) -> Response {
+            self.log.lock().unwrap().push(request.clone());
+            match request {
+                Request::Status => {
+                    let mut statuses = self.statuses.lock().unwrap();
+                    let status = if statuses.len() > 1 { statuses.pop_front() } else { statuses.front().cloned() };
+                    Response { ok: true, message: String::new(), status }
+                }
+                Request::Fail { member } => Response::refused(format!("no member {member}")),
+                _ => Response::ok("accepted"),
+            }
+        }
+    }
+
+    fn parse(args: &[&str]) -> AdminCommand {
+        use clap::Parser;
+        #[derive(clap::Parser, Debug)]
+        struct Top {
+            #[command(subcommand)]
+            cmd: AdminCommand,
+        }
+        Top::try_parse_from(std::iter::once("nbraid").chain(args.iter().copied())).unwrap().cmd
+    }
+
+    /// Runs `args` (with `--control` added) against a daemon playing `script`.
+    async fn against(script: Vec<VolumeStatus>, args: &[&str]) -> (Result<i32, String>, Vec<Request>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = dir.path().join("ctl");
+        let server = crate::control::ControlServer::bind(&ctl).await.unwrap();
+        let admin = std::sync::Arc::new(Scripted { statuses: std::sync::Mutex::new(script.into()), log: Default::default() });
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(admin.clone(), async move {
+            let _ = rx.await;
+        }));
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["--control", ctl.to_str().unwrap()]);
+        let result = tokio::time::timeout(Duration::from_secs(20), run(parse(&full))).await.expect("command finishes");
+        let _ = tx.send(());
+        task.await.unwrap().unwrap();
+        let log = admin.log.lock().unwrap().clone();
+        (result, log)
+    }
+
+    /// The sample volume rebuilding slot 2 at `done` of 1 GiB, or finished in `end` state.
+    fn rebuilding(done: u64) -> VolumeStatus {
+        let mut st = sample_status();
+        st.rebuilds[0].done_bytes = done;
+        st
+    }
+
+    fn finished(state: VolumeState) -> VolumeStatus {
+        let mut st = sample_status();
+        st.rebuilds.clear();
+        st.state = state;
+        st
+    }
+
+    #[tokio::test]
+    async fn admin_wait_until_optimal() {
+        let script = vec![rebuilding(0), rebuilding(512 << 20), rebuilding(1 << 30), finished(VolumeState::Optimal)];
+        let (result, log) = against(script, &["rebuild", "--max-rate", "100MiB/s", "--wait"]).await;
+        assert_eq!(result, Ok(0));
+        assert_eq!(log[0], Request::Rebuild { max_rate: Some(100 << 20) });
+        assert!(log[1..].iter().all(|r| *r == Request::Status) && log.len() >= 5, "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn admin_wait_ending_degraded_fails() {
+        let (result, _) = against(vec![rebuilding(0), finished(VolumeState::Degraded)], &["replace", "1", "new1", "--wait"]).await;
+        let err = result.expect_err("degraded is not success");
+        assert!(err.contains("degraded") && err.contains("slot 3 missing"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn admin_bare_rebuild_wait_only_watches() {
+        let (result, log) = against(vec![finished(VolumeState::Optimal)], &["rebuild", "--wait"]).await;
+        assert_eq!(result, Ok(0));
+        assert!(log.iter().all(|r| *r == Request::Status), "{log:?}");
+        let (result, log) = against(vec![finished(VolumeState::Optimal)], &["rebuild"]).await;
+        assert!(result.is_err() && log.is_empty());
+    }
+
+    #[tokio::test]
+    async fn admin_refusal_is_an_error() {
+        let (result, _) = against(vec![sample_status()], &["fail", "7"]).await;
+        assert_eq!(result, Err("no member 7".into()));
+    }
+
+    #[tokio::test]
+    async fn admin_add_sends_an_absolute_path() {
+        let (result, log) = against(vec![finished(VolumeState::Optimal)], &["add", "spare9"]).await;
+        assert_eq!(result, Ok(0));
+        let cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+        assert_eq!(log, vec![Request::Add { path: cwd.join("spare9") }]);
+    }
+
+    #[tokio::test]
+    async fn admin_fault_flags() {
+        let (_, log) = against(vec![sample_status()], &["fault", "2", "--write-errors", "--after", "3"]).await;
+        assert_eq!(log, vec![Request::Fault { member: "2".into(), fault: FaultSpec { write_errors: true, after_ops: 3, ..FaultSpec::default() } }]);
+        let (_, log) = against(vec![sample_status()], &["fault", "2", "--clear"]).await;
+        assert_eq!(log, vec![Request::Fault { member: "2".into(), fault: FaultSpec::default() }]);
+        let (result, log) = against(vec![sample_status()], &["fault", "2"]).await;
+        assert!(result.is_err() && log.is_empty());
     }
 }

@@ -206,7 +206,7 @@ async fn serve_connection<A: Admin>(admin: Arc<A>, stream: UnixStream, mut stop:
         }
         let response = match parse_request(&line) {
             Ok(request) => dispatch(&admin, request).await,
-            Err(refusal) => refusal,
+            Err(refusal) => Response::refused(refusal),
         };
         write_response(&mut write, &response).await?;
         if !complete {
@@ -230,21 +230,25 @@ async fn dispatch<A: Admin>(admin: &Arc<A>, request: Request) -> Response {
     }
 }
 
-/// Parses one request line; the error is the response to send back.
-pub(crate) fn parse_request(line: &[u8]) -> Result<Request, Response> {
+/// Parses one request line; the error is the refusal message to send back.
+pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
+    const EXAMPLE: &str = "send one JSON object per line, like {\"cmd\":\"status\"}";
     if line.iter().all(u8::is_ascii_whitespace) {
-        return Err(Response::refused("empty request: send one JSON object per line, like {\"cmd\":\"status\"}"));
+        return Err(format!("empty request: {EXAMPLE}"));
     }
-    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| Response::refused(format!("malformed JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| format!("malformed JSON: {e}"))?;
+    if !value.is_object() {
+        return Err(format!("invalid request: not a JSON object; {EXAMPLE}"));
+    }
     match value.get("cmd") {
-        None => return Err(Response::refused("invalid request: missing \"cmd\"")),
+        None => return Err("invalid request: missing \"cmd\"".into()),
         Some(serde_json::Value::String(cmd)) if !KNOWN_COMMANDS.contains(&cmd.as_str()) => {
-            return Err(Response::refused(format!("unknown command {cmd:?} (known: {})", KNOWN_COMMANDS.join(", "))));
+            return Err(format!("unknown command {cmd:?} (known: {})", KNOWN_COMMANDS.join(", ")));
         }
         Some(serde_json::Value::String(_)) => {}
-        Some(_) => return Err(Response::refused("invalid request: \"cmd\" must be a string")),
+        Some(_) => return Err("invalid request: \"cmd\" must be a string".into()),
     }
-    serde_json::from_value(value).map_err(|e| Response::refused(format!("invalid request: {e}")))
+    serde_json::from_value(value).map_err(|e| format!("invalid request: {e}"))
 }
 
 /// The `cmd` tags of [`Request`]; a test keeps this list in step with the enum.
