@@ -32,10 +32,30 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct ControlServer {
     listener: UnixListener,
+    file: SocketFile,
+}
+
+/// The socket file we created; removed when dropped, so it goes away on shutdown and also
+/// when the daemon drops the server future without a clean shutdown.
+#[derive(Debug)]
+struct SocketFile {
     path: PathBuf,
-    /// Identity of the socket file we created, so shutdown removes ours and never a
-    /// successor's that replaced it.
+    /// Identity of the file, so we remove ours and never a successor's that replaced it.
     inode: (u64, u64),
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == self.inode => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!("cannot remove control socket {}: {e}", self.path.display());
+                }
+            }
+            // Gone already, or another daemon's socket now: not ours to remove.
+            _ => {}
+        }
+    }
 }
 
 /// Binds `path` and serves `admin` on it until `shutdown` resolves.
@@ -68,24 +88,40 @@ impl ControlServer {
         // atomically instead of removed and re-created.
         let tmp = temp_name(path)?;
         let _ = std::fs::remove_file(&tmp);
-        let listener = UnixListener::bind(&tmp).map_err(|e| io::Error::new(e.kind(), format!("cannot bind control socket {}: {e}", tmp.display())))?;
-        let installed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = installed {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io::Error::new(e.kind(), format!("cannot install control socket at {}: {e}", path.display())));
-        }
+        let listener = match UnixListener::bind(&tmp) {
+            Ok(listener) => {
+                let installed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).and_then(|()| std::fs::rename(&tmp, path));
+                if let Err(e) = installed {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(io::Error::new(e.kind(), format!("cannot install control socket at {}: {e}", path.display())));
+                }
+                listener
+            }
+            // The temporary name is a few bytes longer than `path` and may not fit in a socket
+            // address where `path` still does: bind directly and restrict it right after.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                let _ = std::fs::remove_file(path);
+                let listener = UnixListener::bind(path).map_err(|e| io::Error::new(e.kind(), format!("cannot bind control socket {}: {e}", path.display())))?;
+                if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+                    let _ = std::fs::remove_file(path);
+                    return Err(io::Error::new(e.kind(), format!("cannot restrict control socket {}: {e}", path.display())));
+                }
+                listener
+            }
+            Err(e) => return Err(io::Error::new(e.kind(), format!("cannot bind control socket {}: {e}", tmp.display()))),
+        };
         let meta = std::fs::symlink_metadata(path)?;
-        Ok(ControlServer { listener, path: path.to_path_buf(), inode: (meta.dev(), meta.ino()) })
+        Ok(ControlServer { listener, file: SocketFile { path: path.to_path_buf(), inode: (meta.dev(), meta.ino()) } })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.file.path
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets each connection finish the
     /// request it is handling (up to a grace period) and removes the socket file.
     pub async fn run<A: Admin>(self, admin: Arc<A>, shutdown: impl Future<Output = ()> + Send) -> io::Result<()> {
-        let ControlServer { listener, path, inode } = self;
+        let ControlServer { listener, file } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut conns = JoinSet::new();
@@ -124,25 +160,13 @@ impl ControlServer {
         };
         let _ = stop_tx.send(true);
         drop(listener);
-        remove_socket_file(&path, inode);
+        drop(file);
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while conns.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!("control connections still busy after {SHUTDOWN_GRACE:?}; dropping them");
             conns.abort_all();
         }
         result
-    }
-}
-
-fn remove_socket_file(path: &Path, inode: (u64, u64)) {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if (meta.dev(), meta.ino()) == inode => {
-            if let Err(e) = std::fs::remove_file(path) {
-                tracing::warn!("cannot remove control socket {}: {e}", path.display());
-            }
-        }
-        // Gone already, or another daemon's socket now: not ours to remove.
-        _ => {}
     }
 }
 

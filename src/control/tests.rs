@@ -425,3 +425,37 @@ async fn control_client_reports_garbage_and_hangups() {
     assert!(matches!(err, ClientError::Closed { .. } | ClientError::Io { .. }), "{err}");
     fake_daemon.await.unwrap();
 }
+
+#[tokio::test]
+async fn control_path_near_the_socket_address_limit_binds() {
+    let dir = tempfile::tempdir().unwrap();
+    // Fits a socket address (108 bytes with the NUL) but the temporary sibling would not.
+    let base = dir.path().as_os_str().len() + 1;
+    assert!(base < 90, "tempdir path too long for this test: {}", dir.path().display());
+    let path = dir.path().join("c".repeat(104 - base));
+    assert_eq!(path.as_os_str().len(), 104);
+    let server = ControlServer::bind(&path).await.expect("binds directly");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(Arc::new(Fake::default()), async move {
+        let _ = rx.await;
+    }));
+    assert!(call(&path, &Request::Status).await.unwrap().ok);
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+    assert!(!path.exists());
+}
+
+#[tokio::test]
+async fn control_socket_removed_when_server_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctl");
+    let server = ControlServer::bind(&path).await.unwrap();
+    let task = tokio::spawn(server.run(Arc::new(Fake::default()), std::future::pending::<()>()));
+    assert!(call(&path, &Request::Status).await.unwrap().ok);
+    // The daemon aborting the task instead of signalling shutdown still cleans up.
+    task.abort();
+    let _ = task.await;
+    assert!(!path.exists(), "socket file left behind");
+}
