@@ -42,7 +42,7 @@ impl Volume {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let stats = e.member.as_ref().map(|m| m.stats()).unwrap_or_default();
+                let stats = e.member.as_ref().map(|m| m.stats()).unwrap_or(e.former_stats);
                 let state = match (e.state, &e.member, &e.stale) {
                     (SlotState::Failed, None, None) => "missing",
                     (SlotState::Failed, _, _) => "failed",

@@ -115,7 +115,7 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
             tracing::warn!("{}: stale member of slot {slot} (event {}, volume at {}): not used", m.path().display(), sb.event, reference.event);
         }
         let recorded = reference.slots[slot];
-        let mut entry = SlotEntry { member: None, state: recorded, replacement: None, stale: None };
+        let mut entry = SlotEntry { member: None, state: recorded, replacement: None, stale: None, former_stats: Default::default() };
         match chosen {
             Some((m, sb)) if recorded == SlotState::Failed || (sb.event < reference.event && sb.slots[slot] != recorded) => {
                 tracing::warn!(

@@ -46,7 +46,10 @@ impl Volume {
             e.state = SlotState::Rebuilding;
             return;
         }
-        e.stale = e.member.take().map(|m| m.path().to_path_buf());
+        if let Some(m) = e.member.take() {
+            e.stale = Some(m.path().to_path_buf());
+            e.former_stats = m.stats();
+        }
         e.state = SlotState::Failed;
         if !h.spares.is_empty() {
             let spare = h.spares.remove(0);

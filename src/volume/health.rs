@@ -4,7 +4,7 @@
 //! membership changes build a new one and swap it in. Rebuild progress moves too often for that,
 //! so it lives beside the snapshots in per-slot atomics ([`Progress`]).
 
-use crate::member::Member;
+use crate::member::{Member, MemberStats};
 use crate::meta::SlotState;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +20,8 @@ pub(crate) struct SlotEntry {
     /// For a failed slot: the member that last served it, or one presented at assembly that
     /// missed updates. Shown in status, never used for I/O.
     pub stale: Option<PathBuf>,
+    /// I/O counts of the member that last served a failed slot, so status still shows its errors.
+    pub former_stats: MemberStats,
 }
 
 #[derive(Clone)]
