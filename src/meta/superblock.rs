@@ -204,9 +204,7 @@ impl Superblock {
         if name_len > MAX_NAME_LEN {
             return Err(SuperblockError::Malformed("name too long"));
         }
-        let name = std::str::from_utf8(&b[124..124 + name_len])
-            .map_err(|_| SuperblockError::Malformed("name is not UTF-8"))?
-            .to_string();
+        let name = std::str::from_utf8(&b[124..124 + name_len]).map_err(|_| SuperblockError::Malformed("name is not UTF-8"))?.to_string();
         let mut slots = Vec::with_capacity(members as usize);
         for i in 0..members as usize {
             slots.push(SlotState::from_code(b[192 + i]).ok_or(SuperblockError::Malformed("unknown slot state"))?);

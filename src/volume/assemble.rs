@@ -3,11 +3,11 @@
 
 use super::health::{Health, Progress, SlotEntry};
 use super::{locks::StripeLocks, Volume};
-use crate::meta::SlotState;
 use crate::codec::Codec;
 use crate::layout::{Geometry, Level};
 use crate::member::{Access, Member, MemberError};
 use crate::meta::superblock::{uuid_string, Superblock};
+use crate::meta::SlotState;
 use crate::uring::Engine;
 use futures::future::join_all;
 use std::collections::HashMap;
