@@ -109,9 +109,14 @@ impl Volume {
         }
     }
 
-    /// Whether `stripe` still has enough readable shards to be served.
-    fn serviceable(&self, h: &Health, stripe: u64) -> bool {
-        let readable = (0..self.geometry.members as usize).filter(|&s| h.readable(s, stripe, &self.progress).is_some()).count();
+    /// Whether the part `ext` of a stripe can still be served: enough readable shards to
+    /// decode the stripe, or for raid0 (nothing to decode from) the touched members themselves.
+    fn serviceable(&self, h: &Health, ext: &StripeExtent) -> bool {
+        let s = ext.stripe;
+        if self.geometry.level == Level::Raid0 {
+            return ext.pieces.iter().all(|p| h.readable(self.slot_of_shard(s, p.shard), s, &self.progress).is_some());
+        }
+        let readable = (0..self.geometry.members as usize).filter(|&slot| h.readable(slot, s, &self.progress).is_some()).count();
         readable >= self.geometry.data_shards as usize
     }
 
@@ -257,7 +262,7 @@ impl Volume {
     async fn write_stripe(&self, ext: &StripeExtent, buf: &Arc<AlignedBuf>) -> Result<(), VolumeError> {
         loop {
             let h = self.health();
-            if !self.serviceable(&h, ext.stripe) {
+            if !self.serviceable(&h, ext) {
                 return Err(VolumeError::Unavailable { stripe: ext.stripe });
             }
             let attempt = match self.geometry.level {
@@ -273,7 +278,7 @@ impl Volume {
                     // Every shard that was written holds the new, mutually consistent version;
                     // the ones that failed are taken out. The stripe is good while enough remain.
                     self.fail_all(faults).await;
-                    return if self.serviceable(&self.health(), ext.stripe) { Ok(()) } else { Err(VolumeError::Unavailable { stripe: ext.stripe }) };
+                    return if self.serviceable(&self.health(), ext) { Ok(()) } else { Err(VolumeError::Unavailable { stripe: ext.stripe }) };
                 }
             }
         }
