@@ -81,7 +81,7 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         if !sb.same_geometry(&reference) {
             return Err(AssembleError::GeometryMismatch { path: m.path().to_path_buf(), reference: ref_path.clone() });
         }
-        let need = sb.data_offset + sb.member_data_bytes;
+        let need = sb.data_offset.saturating_add(sb.member_data_bytes);
         if m.size() < need {
             return Err(AssembleError::Truncated { path: m.path().to_path_buf(), size: m.size(), need });
         }
