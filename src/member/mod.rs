@@ -258,6 +258,13 @@ impl Member {
         Ok(())
     }
 
+    /// Memory-maps `len` bytes at `offset` (page-aligned) for reading and writing.
+    pub fn map_range(&self, offset: u64, len: usize) -> io::Result<memmap2::MmapMut> {
+        // SAFETY: the mapped range is metadata that only this process touches, and only
+        // through this mapping (the member is locked against other nbraid processes).
+        unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map_mut(&*self.file) }
+    }
+
     /// Zeroes both superblock copies, so the disk is no longer a member of anything.
     pub async fn wipe_superblocks(&self) -> Result<(), MemberError> {
         let buf = Arc::new(AlignedBuf::zeroed(2 * SUPERBLOCK_SIZE));

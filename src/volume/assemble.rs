@@ -57,9 +57,12 @@ pub async fn assemble(paths: &[PathBuf], engine: &Arc<Engine>, access: Access) -
     }
     let found = open_members(paths, engine, access).await?;
     let (volume, changed) = from_members(found, engine)?;
-    if changed && access == Access::Exclusive {
-        // Record the members found missing or stale, so they are known stale if they return.
-        volume.persist_progress().await;
+    if access == Access::Exclusive {
+        volume.resync_dirty().await;
+        if changed {
+            // Record the members found missing or stale, so they are known stale if they return.
+            volume.persist_progress().await;
+        }
     }
     Ok(volume)
 }
@@ -180,6 +183,7 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         meta: tokio::sync::Mutex::new(reference),
         rebuild: Default::default(),
         scrub: Default::default(),
+        intent: super::intent::Intent::new(geometry.stripes, geometry.chunk),
         engine: engine.clone(),
     };
     Ok((volume, changed))

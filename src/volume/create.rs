@@ -1,6 +1,9 @@
 //! Creating a volume: preparing member files or devices and writing their superblocks.
 
+use crate::buf::AlignedBuf;
 use crate::layout::{Geometry, LayoutError, Level};
+use crate::meta::bitmap;
+use crate::uring::BufRange;
 use crate::member::{Access, Member, MemberError};
 use crate::meta::superblock::{random_uuid, uuid_string, SlotState, Superblock, SuperblockError, MAX_NAME_LEN, METADATA_RESERVED};
 use crate::uring::Engine;
@@ -123,6 +126,14 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
         spare: false,
         replacement: false,
     };
+    // A clean write-intent bitmap on every member, so the first start resyncs nothing.
+    let (region_stripes, regions) = super::intent::intent_geometry(geometry.stripes, geometry.chunk);
+    let mut area = AlignedBuf::zeroed(bitmap::bitmap_len(regions));
+    bitmap::seal(&mut area, &volume_uuid, region_stripes, regions);
+    let area = Arc::new(area);
+    for m in &opened {
+        m.write_at(bitmap::BITMAP_OFFSET, BufRange::whole(area.clone())).await?;
+    }
     for (i, m) in opened.iter().enumerate() {
         let mut sb = template.clone();
         sb.member_index = i as u32;

@@ -81,6 +81,7 @@ impl Volume {
                 return;
             }
             self.set_health(next.clone());
+            self.map_intent(&next);
             let failed = self.write_superblocks(sb, &next).await;
             if failed.is_empty() {
                 if next.rebuilding() {

@@ -132,6 +132,7 @@ impl Volume {
         });
         *self.rebuild.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         self.rebuild.wake();
+        self.start_intent_cleaner();
     }
 
     /// Rebuilds every slot that needs it, one after the other.
