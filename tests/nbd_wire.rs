@@ -1,0 +1,339 @@
+//! The NBD protocol against the real binary with a hand-written client: fixed-newstyle
+//! handshake with NBD_OPT_GO, simple replies, error replies that keep the connection usable, and
+//! protocol violations that cost only the offending connection.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const OPT_GO: u32 = 7;
+const REP_ACK: u32 = 1;
+const REP_INFO: u32 = 3;
+const INFO_EXPORT: u16 = 0;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+
+struct Client {
+    s: UnixStream,
+    size: u64,
+    flags: u16,
+    cookie: u64,
+}
+
+fn rd<const N: usize>(s: &mut UnixStream) -> [u8; N] {
+    let mut b = [0u8; N];
+    s.read_exact(&mut b).unwrap_or_else(|e| panic!("reading {N} bytes from the server: {e}"));
+    b
+}
+fn u16be(s: &mut UnixStream) -> u16 {
+    u16::from_be_bytes(rd(s))
+}
+fn u32be(s: &mut UnixStream) -> u32 {
+    u32::from_be_bytes(rd(s))
+}
+fn u64be(s: &mut UnixStream) -> u64 {
+    u64::from_be_bytes(rd(s))
+}
+
+struct Reply {
+    error: u32,
+    cookie: u64,
+}
+
+impl Client {
+    /// Handshake and NBD_OPT_GO; Err(reply type) if the server answers GO with an error.
+    fn try_connect(sock: &Path, export: &str) -> Result<Client, u32> {
+        let mut s = UnixStream::connect(sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        assert_eq!(u64be(&mut s), NBDMAGIC, "server greeting: bad NBDMAGIC");
+        assert_eq!(u64be(&mut s), IHAVEOPT, "server greeting: not newstyle (IHAVEOPT)");
+        let hflags = u16be(&mut s);
+        assert!(hflags & FLAG_FIXED_NEWSTYLE != 0, "server does not offer fixed newstyle: {hflags:#x}");
+        let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
+        let cflags: u32 = 1 | if no_zeroes { 2 } else { 0 };
+        s.write_all(&cflags.to_be_bytes()).unwrap();
+
+        let mut data = vec![];
+        data.extend((export.len() as u32).to_be_bytes());
+        data.extend(export.as_bytes());
+        data.extend(0u16.to_be_bytes()); // no info requests: the server sends NBD_INFO_EXPORT anyway
+        let mut opt = vec![];
+        opt.extend(IHAVEOPT.to_be_bytes());
+        opt.extend(OPT_GO.to_be_bytes());
+        opt.extend((data.len() as u32).to_be_bytes());
+        opt.extend(data);
+        s.write_all(&opt).unwrap();
+
+        let (mut size, mut flags) = (None, 0);
+        loop {
+            assert_eq!(u64be(&mut s), REPLY_MAGIC_OPT, "option reply magic");
+            assert_eq!(u32be(&mut s), OPT_GO, "option reply for another option");
+            let typ = u32be(&mut s);
+            let len = u32be(&mut s) as usize;
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).unwrap();
+            if typ & 0x8000_0000 != 0 {
+                return Err(typ);
+            }
+            match typ {
+                REP_INFO => {
+                    let info = u16::from_be_bytes([payload[0], payload[1]]);
+                    if info == INFO_EXPORT {
+                        assert_eq!(len, 12, "NBD_INFO_EXPORT length");
+                        size = Some(u64::from_be_bytes(payload[2..10].try_into().unwrap()));
+                        flags = u16::from_be_bytes([payload[10], payload[11]]);
+                    }
+                }
+                REP_ACK => break,
+                other => panic!("unexpected option reply type {other:#x}"),
+            }
+        }
+        let size = size.expect("server sent no NBD_INFO_EXPORT before NBD_REP_ACK");
+        Ok(Client { s, size, flags, cookie: 1 })
+    }
+
+    fn connect(sock: &Path, export: &str) -> Client {
+        Self::try_connect(sock, export).unwrap_or_else(|t| panic!("NBD_OPT_GO {export:?} failed with {t:#x}"))
+    }
+
+    fn header(&mut self, typ: u16, off: u64, len: u32) -> (Vec<u8>, u64) {
+        self.cookie += 1;
+        let mut h = Vec::with_capacity(28);
+        h.extend(REQUEST_MAGIC.to_be_bytes());
+        h.extend(0u16.to_be_bytes());
+        h.extend(typ.to_be_bytes());
+        h.extend(self.cookie.to_be_bytes());
+        h.extend(off.to_be_bytes());
+        h.extend(len.to_be_bytes());
+        (h, self.cookie)
+    }
+
+    fn reply(&mut self, cookie: u64) -> Reply {
+        assert_eq!(u32be(&mut self.s), SIMPLE_REPLY_MAGIC, "simple reply magic");
+        let error = u32be(&mut self.s);
+        let c = u64be(&mut self.s);
+        assert_eq!(c, cookie, "reply for another cookie");
+        Reply { error, cookie: c }
+    }
+
+    fn request(&mut self, typ: u16, off: u64, len: u32, payload: &[u8]) -> Reply {
+        let (mut h, cookie) = self.header(typ, off, len);
+        h.extend(payload);
+        self.s.write_all(&h).unwrap();
+        self.reply(cookie)
+    }
+
+    fn write(&mut self, off: u64, data: &[u8]) -> u32 {
+        self.request(CMD_WRITE, off, data.len() as u32, data).error
+    }
+
+    /// Read; on success returns the data, on error the error value (and no payload follows).
+    fn read(&mut self, off: u64, len: u32) -> Result<Vec<u8>, u32> {
+        let r = self.request(CMD_READ, off, len, &[]);
+        if r.error != 0 {
+            return Err(r.error);
+        }
+        let mut b = vec![0u8; len as usize];
+        self.s.read_exact(&mut b).expect("read payload");
+        Ok(b)
+    }
+
+    fn flush(&mut self) -> u32 {
+        self.request(CMD_FLUSH, 0, 0, &[]).error
+    }
+
+    fn disconnect(mut self) {
+        let (h, _) = self.header(CMD_DISC, 0, 0);
+        let _ = self.s.write_all(&h);
+    }
+
+    /// The server closed the connection: the next read sees EOF (or a reset).
+    fn assert_closed(&mut self, what: &str) {
+        let mut b = [0u8; 1];
+        match self.s.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut => {}
+            other => panic!("after {what} the server should close the connection, got {other:?}"),
+        }
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8).collect()
+}
+
+fn setup(tag: &str) -> (TestDir, Vec<std::path::PathBuf>, Daemon) {
+    let dir = TestDir::new(tag);
+    let m = dir.members("m", 3);
+    create(&["--level", "raid5", "--size", "16MiB", "--name", "wire"], &m);
+    let d = Daemon::start(&dir, &m);
+    (dir, m, d)
+}
+
+#[test]
+fn handshake_read_write_and_named_export() {
+    let (_dir, _m, d) = setup("wire-rw");
+    let size = d.size();
+    let mut c = Client::connect(&d.sock, "");
+    assert_eq!(c.size, size, "NBD_INFO_EXPORT size differs from nbdinfo");
+    assert!(c.flags & 1 != 0, "NBD_FLAG_HAS_FLAGS not set in transmission flags {:#x}", c.flags);
+    assert!(c.flags & 2 == 0, "export is read-only ({:#x})", c.flags);
+    let a = pattern(4096, 1);
+    let b = pattern(65536 + 512, 7);
+    assert_eq!(c.write(0, &a), 0);
+    assert_eq!(c.write(3 * 65536 - 512, &b), 0);
+    assert_eq!(c.write(size - 4096, &a), 0, "write of the last block");
+    assert_eq!(c.flush(), 0);
+    assert_eq!(c.read(0, 4096).unwrap(), a);
+    assert_eq!(c.read(3 * 65536 - 512, b.len() as u32).unwrap(), b);
+    assert_eq!(c.read(size - 4096, 4096).unwrap(), a);
+    assert_eq!(c.read(4096, 4096).unwrap(), vec![0u8; 4096], "untouched block not zero");
+
+    // the same bytes through a second connection, on the named export
+    let mut c2 = Client::connect(&d.sock, "wire");
+    assert_eq!(c2.size, size);
+    assert_eq!(c2.read(3 * 65536 - 512, b.len() as u32).unwrap(), b);
+    c2.disconnect();
+    c.disconnect();
+
+    // an export that does not exist is an error reply, not a hang or a crash
+    match Client::try_connect(&d.sock, "no-such-export") {
+        Err(t) => assert!(t & 0x8000_0000 != 0),
+        Ok(_) => panic!("NBD_OPT_GO for an unknown export name succeeded"),
+    }
+    let mut c3 = Client::connect(&d.sock, "");
+    assert_eq!(c3.read(0, 4096).unwrap(), a);
+    c3.disconnect();
+    d.stop_ok();
+}
+
+#[test]
+fn unknown_command_is_einval_and_connection_survives() {
+    let (_dir, _m, d) = setup("wire-unk");
+    let mut c = Client::connect(&d.sock, "");
+    let r = c.request(0x55, 0, 0, &[]);
+    assert_eq!(r.error, EINVAL, "unknown command type 0x55: expected EINVAL");
+    let _ = r.cookie;
+    assert_eq!(c.write(8192, &pattern(512, 3)), 0, "connection unusable after an unknown command");
+    assert_eq!(c.read(8192, 512).unwrap(), pattern(512, 3));
+    c.disconnect();
+    d.stop_ok();
+}
+
+#[test]
+fn out_of_range_read_is_einval() {
+    let (_dir, _m, d) = setup("wire-oor");
+    let mut c = Client::connect(&d.sock, "");
+    let size = c.size;
+    assert_eq!(c.read(size, 4096), Err(EINVAL), "read at the end of the volume");
+    assert_eq!(c.read(size - 512, 4096), Err(EINVAL), "read crossing the end of the volume");
+    assert_eq!(c.read(u64::MAX - 511, 4096), Err(EINVAL), "read at an offset that overflows");
+    assert_eq!(c.read(0, 512).unwrap().len(), 512, "connection unusable after EINVAL");
+    c.disconnect();
+    d.stop_ok();
+}
+
+#[test]
+fn write_past_end_is_enospc_then_next_request_works() {
+    let (_dir, _m, d) = setup("wire-nospc");
+    let mut c = Client::connect(&d.sock, "");
+    let size = c.size;
+    let p = pattern(8192, 9);
+    assert_eq!(c.write(size - 4096, &p), ENOSPC, "write crossing the end of the volume");
+    assert_eq!(c.write(size, &p[..512]), ENOSPC, "write at the end of the volume");
+    // the refused payload was consumed: the next request is parsed correctly
+    assert_eq!(c.read(size - 4096, 4096).unwrap(), vec![0u8; 4096], "a refused write changed data");
+    assert_eq!(c.write(size - 8192, &p), 0);
+    assert_eq!(c.read(size - 8192, 8192).unwrap(), p);
+    c.disconnect();
+    d.stop_ok();
+}
+
+#[test]
+fn bad_request_magic_closes_only_that_connection() {
+    let (_dir, _m, d) = setup("wire-magic");
+    let mut good = Client::connect(&d.sock, "");
+    assert_eq!(good.write(0, &pattern(4096, 5)), 0);
+    let mut bad = Client::connect(&d.sock, "");
+    let mut h = vec![];
+    h.extend(0xdead_beefu32.to_be_bytes());
+    h.extend([0u8; 24]);
+    bad.s.write_all(&h).unwrap();
+    bad.assert_closed("a request with a bad magic");
+    assert_eq!(good.read(0, 4096).unwrap(), pattern(4096, 5), "the other connection broke");
+    let mut fresh = Client::connect(&d.sock, "");
+    assert_eq!(fresh.read(0, 4096).unwrap(), pattern(4096, 5));
+    fresh.disconnect();
+    good.disconnect();
+    d.stop_ok();
+}
+
+#[test]
+fn hangup_mid_write_payload_then_new_connection_works() {
+    let (_dir, m, d) = setup("wire-hup");
+    let mut c = Client::connect(&d.sock, "");
+    assert_eq!(c.write(65536, &pattern(65536, 2)), 0);
+    let (mut h, _) = c.header(CMD_WRITE, 0, 65536);
+    h.extend(pattern(1000, 77));
+    c.s.write_all(&h).unwrap();
+    drop(c); // hang up with 64536 payload bytes missing
+    // and a client that vanishes in the middle of the handshake
+    {
+        let mut s = UnixStream::connect(&d.sock).unwrap();
+        let _ = s.write_all(&[0u8; 3]);
+    }
+    let mut c = Client::connect(&d.sock, "");
+    assert_eq!(c.read(65536, 65536).unwrap(), pattern(65536, 2));
+    let p = pattern(4096, 8);
+    assert_eq!(c.write(0, &p), 0);
+    assert_eq!(c.read(0, 4096).unwrap(), p);
+    c.disconnect();
+    d.stop_ok();
+    check_clean(&m);
+}
+
+#[test]
+fn many_requests_in_flight_on_one_connection() {
+    let (_dir, _m, d) = setup("wire-pipe");
+    let mut c = Client::connect(&d.sock, "");
+    // pipeline 64 writes, then collect the replies in whatever order they come
+    let mut cookies = std::collections::BTreeSet::new();
+    let mut buf = vec![];
+    for i in 0..64u64 {
+        let (mut h, ck) = c.header(CMD_WRITE, i * 12288 + 7 * 512, 12288);
+        h.extend(pattern(12288, i as u8));
+        buf.extend(h);
+        cookies.insert(ck);
+    }
+    c.s.write_all(&buf).unwrap();
+    for _ in 0..64 {
+        assert_eq!(u32be(&mut c.s), SIMPLE_REPLY_MAGIC);
+        assert_eq!(u32be(&mut c.s), 0, "pipelined write failed");
+        let ck = u64be(&mut c.s);
+        assert!(cookies.remove(&ck), "reply with unknown or repeated cookie {ck}");
+    }
+    for i in 0..64u64 {
+        assert_eq!(c.read(i * 12288 + 7 * 512, 12288).unwrap(), pattern(12288, i as u8), "block {i}");
+    }
+    c.disconnect();
+    d.stop_ok();
+}
