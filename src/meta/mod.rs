@@ -1,1 +1,5 @@
-//! placeholder
+//! On-disk formats. Every structure carries a magic, a format version and a crc32c.
+
+pub mod superblock;
+
+pub use superblock::{SlotState, Superblock, SuperblockError};

@@ -1,0 +1,355 @@
+//! The member superblock: who this member is and what volume it belongs to.
+//!
+//! Format (version 1), one 4096-byte block, little-endian:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `NBRAIDSB` |
+//! | 8 | 4 | format version |
+//! | 12 | 4 | block length (4096) |
+//! | 16 | 16 | volume UUID |
+//! | 32 | 16 | member UUID (this disk's own identity) |
+//! | 48 | 8 | creation time, seconds since the epoch |
+//! | 56 | 8 | event counter (bumped on every membership change) |
+//! | 64 | 4 | level code (see `layout::Level::code`) |
+//! | 68 | 4 | members |
+//! | 72 | 4 | data shards |
+//! | 76 | 4 | parity shards |
+//! | 80 | 8 | chunk bytes |
+//! | 88 | 8 | data offset: where the data area starts on every member |
+//! | 96 | 8 | data bytes per member (whole stripes) |
+//! | 104 | 8 | volume size in bytes |
+//! | 112 | 4 | this member's slot index |
+//! | 116 | 4 | flags (none defined; must be 0) |
+//! | 120 | 4 | name length |
+//! | 124 | 64 | volume name, UTF-8 |
+//! | 192 | 256 | slot states, one byte per slot (see [`SlotState`]) |
+//! | 4092 | 4 | crc32c of bytes 0..4092 |
+//!
+//! Two copies live at [`SUPERBLOCK_OFFSETS`]; a new superblock is written to the copy selected by
+//! its event counter's parity, so a torn superblock write always leaves the previous one intact.
+
+use thiserror::Error;
+
+pub const MAGIC: &[u8; 8] = b"NBRAIDSB";
+pub const VERSION: u32 = 1;
+pub const SUPERBLOCK_SIZE: usize = 4096;
+/// Byte offsets of the two superblock copies on every member.
+pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, 4096];
+/// Bytes reserved at the start of every member for metadata; the data area starts here.
+pub const METADATA_RESERVED: u64 = 1 << 20;
+pub const MAX_NAME_LEN: usize = 64;
+pub const MAX_SLOTS: usize = 256;
+
+const CRC_OFFSET: usize = SUPERBLOCK_SIZE - 4;
+
+/// What the volume believes about one slot (member position).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SlotState {
+    /// In sync and serving.
+    Active,
+    /// Failed or removed; holds no trustworthy data.
+    Failed,
+    /// Being rebuilt; data below the rebuild checkpoint is valid.
+    Rebuilding,
+}
+
+impl SlotState {
+    fn code(self) -> u8 {
+        match self {
+            SlotState::Active => 0,
+            SlotState::Failed => 1,
+            SlotState::Rebuilding => 2,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            0 => Some(SlotState::Active),
+            1 => Some(SlotState::Failed),
+            2 => Some(SlotState::Rebuilding),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub volume_uuid: [u8; 16],
+    pub member_uuid: [u8; 16],
+    pub created: u64,
+    pub event: u64,
+    pub level_code: u32,
+    pub members: u32,
+    pub data_shards: u32,
+    pub parity_shards: u32,
+    pub chunk: u64,
+    pub data_offset: u64,
+    pub member_data_bytes: u64,
+    pub volume_size: u64,
+    pub member_index: u32,
+    pub name: String,
+    /// One entry per slot, `members` long.
+    pub slots: Vec<SlotState>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SuperblockError {
+    #[error("no nbraid superblock (not a member of any volume)")]
+    NoMagic,
+    #[error("superblock checksum mismatch (corrupt superblock)")]
+    BadChecksum,
+    #[error("superblock format version {0} is not supported (this build reads version {VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("superblock is malformed: {0}")]
+    Malformed(&'static str),
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().expect("4-byte slice"))
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().expect("8-byte slice"))
+}
+
+impl Superblock {
+    /// Which of the two copies this superblock is written to.
+    pub fn copy_index(&self) -> usize {
+        (self.event % 2) as usize
+    }
+
+    pub fn encode(&self) -> [u8; SUPERBLOCK_SIZE] {
+        let mut b = [0u8; SUPERBLOCK_SIZE];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&(SUPERBLOCK_SIZE as u32).to_le_bytes());
+        b[16..32].copy_from_slice(&self.volume_uuid);
+        b[32..48].copy_from_slice(&self.member_uuid);
+        b[48..56].copy_from_slice(&self.created.to_le_bytes());
+        b[56..64].copy_from_slice(&self.event.to_le_bytes());
+        b[64..68].copy_from_slice(&self.level_code.to_le_bytes());
+        b[68..72].copy_from_slice(&self.members.to_le_bytes());
+        b[72..76].copy_from_slice(&self.data_shards.to_le_bytes());
+        b[76..80].copy_from_slice(&self.parity_shards.to_le_bytes());
+        b[80..88].copy_from_slice(&self.chunk.to_le_bytes());
+        b[88..96].copy_from_slice(&self.data_offset.to_le_bytes());
+        b[96..104].copy_from_slice(&self.member_data_bytes.to_le_bytes());
+        b[104..112].copy_from_slice(&self.volume_size.to_le_bytes());
+        b[112..116].copy_from_slice(&self.member_index.to_le_bytes());
+        // 116..120: flags, none defined.
+        let name = truncate_utf8(&self.name, MAX_NAME_LEN);
+        b[120..124].copy_from_slice(&(name.len() as u32).to_le_bytes());
+        b[124..124 + name.len()].copy_from_slice(name.as_bytes());
+        for (i, s) in self.slots.iter().take(MAX_SLOTS).enumerate() {
+            b[192 + i] = s.code();
+        }
+        let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
+        b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parses one superblock copy. Never panics, whatever the bytes.
+    pub fn decode(b: &[u8]) -> Result<Superblock, SuperblockError> {
+        if b.len() < SUPERBLOCK_SIZE {
+            return Err(SuperblockError::Malformed("shorter than a superblock"));
+        }
+        if &b[0..8] != MAGIC {
+            return Err(SuperblockError::NoMagic);
+        }
+        let stored = u32_at(b, CRC_OFFSET);
+        if crc32c::crc32c(&b[..CRC_OFFSET]) != stored {
+            return Err(SuperblockError::BadChecksum);
+        }
+        let version = u32_at(b, 8);
+        if version != VERSION {
+            return Err(SuperblockError::UnsupportedVersion(version));
+        }
+        if u32_at(b, 12) as usize != SUPERBLOCK_SIZE {
+            return Err(SuperblockError::Malformed("unexpected block length"));
+        }
+        if u32_at(b, 116) != 0 {
+            return Err(SuperblockError::Malformed("unknown flags set"));
+        }
+        let members = u32_at(b, 68);
+        if members == 0 || members as usize > MAX_SLOTS {
+            return Err(SuperblockError::Malformed("member count out of range"));
+        }
+        let member_index = u32_at(b, 112);
+        if member_index >= members {
+            return Err(SuperblockError::Malformed("member index beyond member count"));
+        }
+        let name_len = u32_at(b, 120) as usize;
+        if name_len > MAX_NAME_LEN {
+            return Err(SuperblockError::Malformed("name too long"));
+        }
+        let name = std::str::from_utf8(&b[124..124 + name_len])
+            .map_err(|_| SuperblockError::Malformed("name is not UTF-8"))?
+            .to_string();
+        let mut slots = Vec::with_capacity(members as usize);
+        for i in 0..members as usize {
+            slots.push(SlotState::from_code(b[192 + i]).ok_or(SuperblockError::Malformed("unknown slot state"))?);
+        }
+        Ok(Superblock {
+            volume_uuid: b[16..32].try_into().expect("16-byte slice"),
+            member_uuid: b[32..48].try_into().expect("16-byte slice"),
+            created: u64_at(b, 48),
+            event: u64_at(b, 56),
+            level_code: u32_at(b, 64),
+            members,
+            data_shards: u32_at(b, 72),
+            parity_shards: u32_at(b, 76),
+            chunk: u64_at(b, 80),
+            data_offset: u64_at(b, 88),
+            member_data_bytes: u64_at(b, 96),
+            volume_size: u64_at(b, 104),
+            member_index,
+            name,
+            slots,
+        })
+    }
+
+    /// Picks the newest valid copy out of the two read from a member. The error, if neither copy is
+    /// valid, is the more telling one (a corrupt superblock beats "no superblock").
+    pub fn newest(copies: [&[u8]; 2]) -> Result<Superblock, SuperblockError> {
+        let a = Superblock::decode(copies[0]);
+        let b = Superblock::decode(copies[1]);
+        match (a, b) {
+            (Ok(a), Ok(b)) => Ok(if b.event > a.event { b } else { a }),
+            (Ok(a), Err(_)) => Ok(a),
+            (Err(_), Ok(b)) => Ok(b),
+            (Err(ea), Err(eb)) => Err(if ea == SuperblockError::NoMagic { eb } else { ea }),
+        }
+    }
+
+    /// True if `other` describes the same volume layout (everything but per-member fields and
+    /// the event counter and slot states).
+    pub fn same_geometry(&self, other: &Superblock) -> bool {
+        self.volume_uuid == other.volume_uuid
+            && self.level_code == other.level_code
+            && self.members == other.members
+            && self.data_shards == other.data_shards
+            && self.parity_shards == other.parity_shards
+            && self.chunk == other.chunk
+            && self.data_offset == other.data_offset
+            && self.member_data_bytes == other.member_data_bytes
+            && self.volume_size == other.volume_size
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Formats a UUID the usual 8-4-4-4-12 way.
+pub fn uuid_string(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// A random (version 4) UUID from the kernel's CSPRNG.
+pub fn random_uuid() -> std::io::Result<[u8; 16]> {
+    let mut u = [0u8; 16];
+    let mut filled = 0;
+    while filled < u.len() {
+        // SAFETY: writes at most the remaining bytes of `u`.
+        let n = unsafe { libc::getrandom(u[filled..].as_mut_ptr() as *mut libc::c_void, u.len() - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    Ok(u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Superblock {
+        Superblock {
+            volume_uuid: [1; 16],
+            member_uuid: [2; 16],
+            created: 1_700_000_000,
+            event: 7,
+            level_code: 5,
+            members: 4,
+            data_shards: 3,
+            parity_shards: 1,
+            chunk: 65536,
+            data_offset: METADATA_RESERVED,
+            member_data_bytes: 1 << 30,
+            volume_size: 3 << 30,
+            member_index: 2,
+            name: "vol0".into(),
+            slots: vec![SlotState::Active, SlotState::Failed, SlotState::Active, SlotState::Rebuilding],
+        }
+    }
+
+    #[test]
+    fn roundtrip() {
+        let sb = sample();
+        assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        let enc = sample().encode();
+        for bit in 0..SUPERBLOCK_SIZE * 8 {
+            let mut b = enc;
+            b[bit / 8] ^= 1 << (bit % 8);
+            assert!(Superblock::decode(&b).is_err(), "flip of bit {bit} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn newest_copy_wins_and_torn_copy_is_ignored() {
+        let mut old = sample();
+        old.event = 8;
+        let mut new = sample();
+        new.event = 9;
+        assert_eq!(Superblock::newest([&old.encode(), &new.encode()]).unwrap().event, 9);
+        let mut torn = new.encode();
+        torn[100] ^= 0xff;
+        assert_eq!(Superblock::newest([&old.encode(), &torn]).unwrap().event, 8);
+        assert_eq!(Superblock::newest([&[0u8; 4096], &[0u8; 4096]]), Err(SuperblockError::NoMagic));
+        assert_eq!(Superblock::newest([&[0u8; 4096], &torn]), Err(SuperblockError::BadChecksum));
+    }
+
+    #[test]
+    fn uuid_is_random_v4() {
+        let a = random_uuid().unwrap();
+        assert_ne!(a, random_uuid().unwrap());
+        assert_eq!(a[6] >> 4, 4);
+        assert_eq!(uuid_string(&[0xab; 16]).len(), 36);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..5000)) {
+            let _ = Superblock::decode(&bytes);
+        }
+
+        #[test]
+        fn decode_never_panics_with_valid_magic_and_crc(mut bytes in proptest::collection::vec(any::<u8>(), 4096)) {
+            bytes[0..8].copy_from_slice(MAGIC);
+            let crc = crc32c::crc32c(&bytes[..CRC_OFFSET]);
+            bytes[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+            let _ = Superblock::decode(&bytes);
+        }
+    }
+}

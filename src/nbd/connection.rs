@@ -1,0 +1,412 @@
+//! One client connection: handshake, then the transmission phase.
+//!
+//! Shape of the transmission phase:
+//! - the connection task is the *reader*: it parses request headers, reads WRITE payloads straight
+//!   into an [`AlignedBuf`] of exactly the request length, and spawns each valid request onto its
+//!   own task, so slow requests never hold up fast ones;
+//! - every reply (from request tasks, or errors from the reader itself) goes through one bounded
+//!   channel to a single *writer* task, which batches whatever is queued into one buffered write
+//!   and flushes only when the queue is empty;
+//! - in-flight work is bounded per connection by a request-count semaphore and a byte-budget
+//!   semaphore. Permits travel with the reply and are released only once it has been written, so
+//!   "all permits available" means every accepted request has been answered.
+//!
+//! Teardown falls out of channel ownership: the reader and each request task hold a sender, so
+//! the writer ends exactly when the reader has stopped and every request has produced its reply.
+
+use super::device::{BlockDevice, DeviceError};
+use super::handshake::{self, ExportInfo, Outcome};
+use super::proto::{self, Command, ErrorCode, Rejection, Request, Session};
+use crate::buf::AlignedBuf;
+use futures::FutureExt;
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+/// Read-side buffer: large enough to coalesce many small request headers into one syscall.
+const READ_BUF: usize = 128 * 1024;
+/// Write-side buffer: replies queued together go out in as few syscalls as this allows.
+const WRITE_BUF: usize = 256 * 1024;
+
+/// Counters shared by all connections of one server.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+/// Everything a connection needs from the server.
+pub(crate) struct ConnContext<D> {
+    pub device: Arc<D>,
+    pub export: Arc<ExportInfo>,
+    pub max_in_flight: u32,
+    pub max_in_flight_bytes: u32,
+    /// Becomes `true` once the server is shutting down.
+    pub shutdown: watch::Receiver<bool>,
+    pub counters: Arc<Counters>,
+}
+
+// Manual impl: `derive` would demand `D: Clone`, but only the `Arc` is cloned.
+impl<D> Clone for ConnContext<D> {
+    fn clone(&self) -> Self {
+        ConnContext {
+            device: self.device.clone(),
+            export: self.export.clone(),
+            max_in_flight: self.max_in_flight,
+            max_in_flight_bytes: self.max_in_flight_bytes,
+            shutdown: self.shutdown.clone(),
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+/// One encoded reply on its way to the writer. It owns the permits of its request, so the
+/// request counts as in flight until its bytes have been handed to the socket.
+struct Reply {
+    head: Vec<u8>,
+    data: Option<AlignedBuf>,
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Reply {
+    fn error(session: &Session, cookie: u64, code: ErrorCode, msg: &str) -> Self {
+        let head = if session.structured {
+            proto::encode_chunk_error(cookie, code.as_u32(), msg)
+        } else {
+            proto::encode_simple_reply(cookie, code.as_u32()).to_vec()
+        };
+        Reply {
+            head,
+            data: None,
+            _permits: Vec::new(),
+        }
+    }
+}
+
+fn error_code(e: &DeviceError) -> ErrorCode {
+    match e {
+        DeviceError::Io(_) => ErrorCode::Io,
+        DeviceError::Invalid(_) => ErrorCode::Invalid,
+        DeviceError::NoSpace => ErrorCode::NoSpace,
+        DeviceError::Shutdown => ErrorCode::Shutdown,
+    }
+}
+
+/// Resolves once the server is shutting down (or has gone away entirely).
+async fn shutdown_signalled(shutdown: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, i.e. the server itself is finished: treat as shutdown.
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// Serves one connection to completion. Never panics on client input; all errors end only this
+/// connection and are logged here.
+pub(crate) async fn serve_connection<S, D>(mut stream: S, ctx: ConnContext<D>, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    D: BlockDevice,
+{
+    let mut shutdown = ctx.shutdown.clone();
+    let outcome = tokio::select! {
+        r = handshake::negotiate(&mut stream, &ctx.export) => r,
+        // Nothing has been promised to a client still negotiating, so just drop it.
+        _ = shutdown_signalled(&mut shutdown) => {
+            debug!(%peer, "closing connection in handshake: server shutting down");
+            return;
+        }
+    };
+    let session = match outcome {
+        Ok(Outcome::Transmission(s)) => s,
+        Ok(Outcome::Aborted) => {
+            debug!(%peer, "client ended negotiation");
+            return;
+        }
+        Err(handshake::HandshakeError::Io(e)) => {
+            debug!(%peer, "handshake I/O error: {e}");
+            return;
+        }
+        Err(e) => {
+            warn!(%peer, "dropping client: {e}");
+            return;
+        }
+    };
+    debug!(%peer, structured = session.structured, "entering transmission");
+
+    let (rd, wr) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::channel::<Reply>(ctx.max_in_flight as usize + 16);
+    let writer = tokio::spawn(write_replies(wr, rx, peer.clone()));
+    let reason = read_requests(BufReader::with_capacity(READ_BUF, rd), tx, &ctx, session).await;
+    match &reason {
+        Ok(why) => debug!(%peer, "connection ending: {why}"),
+        Err(e) if is_disconnect(e) => debug!(%peer, "client hung up: {e}"),
+        Err(e) => warn!(%peer, "closing connection: {e}"),
+    }
+    // The writer finishes once every in-flight request has sent its reply.
+    if let Err(e) = writer.await {
+        warn!(%peer, "reply writer task failed: {e}");
+    }
+    debug!(%peer, "connection closed");
+}
+
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+fn protocol_error(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// The reader loop. Returns why it stopped: `Ok` for an orderly end (DISC, shutdown drained,
+/// writer gone), `Err` for hang-ups and protocol violations.
+async fn read_requests<R, D>(
+    mut rd: BufReader<R>,
+    tx: mpsc::Sender<Reply>,
+    ctx: &ConnContext<D>,
+    session: Session,
+) -> io::Result<&'static str>
+where
+    R: AsyncRead + Unpin,
+    D: BlockDevice,
+{
+    let in_flight = Arc::new(Semaphore::new(ctx.max_in_flight as usize));
+    let bytes_budget = Arc::new(Semaphore::new(ctx.max_in_flight_bytes as usize));
+    let mut shutdown = ctx.shutdown.clone();
+
+    // Resolves when the connection has nothing left to do: the server is shutting down and every
+    // accepted request has been answered. Requests that are still arriving are not waited for
+    // beyond that point; the spec allows a hard disconnect once in-flight work is served.
+    let drained = |shutdown: &mut watch::Receiver<bool>| {
+        let mut shutdown = shutdown.clone();
+        let in_flight = in_flight.clone();
+        let max = ctx.max_in_flight;
+        async move {
+            shutdown_signalled(&mut shutdown).await;
+            let _ = in_flight.acquire_many(max).await;
+        }
+    };
+
+    loop {
+        let mut header = [0u8; proto::REQUEST_LEN];
+        // Cancelling a partial read loses stream sync, which is fine: both other branches close.
+        tokio::select! {
+            r = rd.read_exact(&mut header) => { r?; }
+            _ = drained(&mut shutdown) => return Ok("server shutdown, in-flight requests answered"),
+            _ = tx.closed() => return Ok("reply writer stopped"),
+        }
+        let req = proto::parse_request(&header).map_err(|e| protocol_error(e.to_string()))?;
+        ctx.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if req.command == Command::Disc {
+            return Ok("client sent NBD_CMD_DISC");
+        }
+
+        let mut verdict = proto::check_request(&req, &session);
+        if let Err(Rejection::Disconnect(why)) = verdict {
+            return Err(protocol_error(why));
+        }
+        if *shutdown.borrow() {
+            verdict = Err(Rejection::Reply(
+                ErrorCode::Shutdown,
+                "server is shutting down",
+            ));
+        }
+
+        // The payload is consumed before anything else so the stream stays in sync whatever we
+        // decide. It is bounded by MAX_PAYLOAD (larger WRITEs disconnected above), and read
+        // before taking permits so a stalled payload can never block the drain.
+        let payload_len = u64::from(req.payload_len());
+        let payload = if let Err(Rejection::Reply(..)) = verdict {
+            if payload_len > 0 {
+                let mut limited = (&mut rd).take(payload_len);
+                let mut sink = tokio::io::sink();
+                tokio::select! {
+                    r = tokio::io::copy(&mut limited, &mut sink) => { if r? != payload_len { return Err(io::ErrorKind::UnexpectedEof.into()); } }
+                    _ = drained(&mut shutdown) => return Ok("server shutdown while client sent a payload"),
+                }
+            }
+            None
+        } else if payload_len > 0 {
+            let mut buf = AlignedBuf::zeroed(payload_len as usize);
+            tokio::select! {
+                r = rd.read_exact(&mut buf) => { r?; }
+                _ = drained(&mut shutdown) => return Ok("server shutdown while client sent a payload"),
+            }
+            Some(buf)
+        } else {
+            None
+        };
+
+        if let Err(Rejection::Reply(code, msg)) = verdict {
+            debug!(cookie = req.cookie, command = %req.command, offset = req.offset,
+                   length = req.length, %code, "rejecting request: {msg}");
+            if tx
+                .send(Reply::error(&session, req.cookie, code, msg))
+                .await
+                .is_err()
+            {
+                return Ok("reply writer stopped");
+            }
+            continue;
+        }
+
+        // Semaphores are never closed, so acquisition only fails if that invariant is broken.
+        let mut permits = Vec::with_capacity(2);
+        permits.push(
+            in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| io::Error::other("in-flight semaphore closed"))?,
+        );
+        let cost = match req.command {
+            Command::Read | Command::Write => req.length.min(ctx.max_in_flight_bytes),
+            _ => 0,
+        };
+        if cost > 0 {
+            permits.push(
+                bytes_budget
+                    .clone()
+                    .acquire_many_owned(cost)
+                    .await
+                    .map_err(|_| io::Error::other("byte budget semaphore closed"))?,
+            );
+        }
+
+        let device = ctx.device.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let result = AssertUnwindSafe(execute(&*device, &req, payload))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(DeviceError::Io("device operation panicked".into())));
+            let reply = encode_result(&session, &req, result, permits);
+            // A send error means the client is gone; the result is dropped with it.
+            let _ = tx.send(reply).await;
+        });
+    }
+}
+
+/// Runs a validated request against the device.
+async fn execute<D: BlockDevice>(
+    device: &D,
+    req: &Request,
+    payload: Option<AlignedBuf>,
+) -> Result<Option<AlignedBuf>, DeviceError> {
+    let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+    match req.command {
+        Command::Read => {
+            let want = req.length as usize;
+            let buf = device.read(req.offset, want).await?;
+            if buf.len() != want {
+                // Sending a short buffer would desynchronise the client's stream.
+                return Err(DeviceError::Io(format!(
+                    "device returned {} bytes for a {want}-byte read",
+                    buf.len()
+                )));
+            }
+            Ok(Some(buf))
+        }
+        Command::Write => {
+            let data =
+                payload.ok_or_else(|| DeviceError::Invalid("write without payload".into()))?;
+            device.write(req.offset, data, fua).await.map(|()| None)
+        }
+        Command::Flush => device.flush().await.map(|()| None),
+        Command::Trim => device
+            .trim(req.offset, u64::from(req.length))
+            .await
+            .map(|()| None),
+        Command::WriteZeroes => device
+            .write_zeroes(req.offset, u64::from(req.length), fua)
+            .await
+            .map(|()| None),
+        // check_request never passes these through.
+        Command::Disc | Command::Other(_) => {
+            Err(DeviceError::Invalid("unsupported command".into()))
+        }
+    }
+}
+
+fn encode_result(
+    session: &Session,
+    req: &Request,
+    result: Result<Option<AlignedBuf>, DeviceError>,
+    permits: Vec<OwnedSemaphorePermit>,
+) -> Reply {
+    let mut reply = match result {
+        Err(e) => {
+            let code = error_code(&e);
+            debug!(cookie = req.cookie, command = %req.command, offset = req.offset,
+                   length = req.length, %code, "device error: {e}");
+            Reply::error(session, req.cookie, code, &e.to_string())
+        }
+        Ok(data) => {
+            let head = match (&data, session.structured) {
+                (Some(buf), true) => {
+                    match proto::encode_offset_data_header(req.cookie, true, req.offset, buf.len())
+                    {
+                        Some(h) => h.to_vec(),
+                        // Unreachable for validated reads (1..=32 MiB); fail safe regardless.
+                        None => {
+                            return Reply::error(
+                                session,
+                                req.cookie,
+                                ErrorCode::Io,
+                                "cannot encode read reply",
+                            )
+                        }
+                    }
+                }
+                (None, true) => proto::encode_chunk_none(req.cookie).to_vec(),
+                (_, false) => proto::encode_simple_reply(req.cookie, 0).to_vec(),
+            };
+            Reply {
+                head,
+                data,
+                _permits: Vec::new(),
+            }
+        }
+    };
+    reply._permits = permits;
+    reply
+}
+
+/// The writer task: drains the reply queue into the socket, flushing only when the queue runs
+/// dry so that bursts of small replies share syscalls.
+async fn write_replies<W>(wr: W, mut rx: mpsc::Receiver<Reply>, peer: String)
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut w = BufWriter::with_capacity(WRITE_BUF, wr);
+    let result: io::Result<()> = async {
+        while let Some(reply) = rx.recv().await {
+            write_one(&mut w, reply).await?;
+            while let Ok(reply) = rx.try_recv() {
+                write_one(&mut w, reply).await?;
+            }
+            w.flush().await?;
+        }
+        w.shutdown().await
+    }
+    .await;
+    if let Err(e) = result {
+        debug!(%peer, "reply writer stopped: {e}");
+    }
+    // Dropping `rx` here makes every pending and future send fail, so request tasks end promptly.
+}
+
+async fn write_one<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, reply: Reply) -> io::Result<()> {
+    w.write_all(&reply.head).await?;
+    if let Some(data) = &reply.data {
+        w.write_all(data).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! Creating a volume: preparing member files or devices and writing their superblocks.
+
+use crate::layout::{Geometry, LayoutError, Level};
+use crate::member::{Access, Member, MemberError};
+use crate::meta::superblock::{random_uuid, uuid_string, SlotState, Superblock, SuperblockError, MAX_NAME_LEN, METADATA_RESERVED};
+use crate::uring::Engine;
+use futures::future::join_all;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thiserror::Error;
+
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    pub level: Level,
+    /// (data, parity) for [`Level::Ec`].
+    pub ec: Option<(u32, u32)>,
+    pub chunk: u64,
+    /// Size of each member; files are created or grown (sparse) to it.
+    pub member_size: Option<u64>,
+    pub name: String,
+    pub members: Vec<PathBuf>,
+    /// Overwrite members that belong to a volume or hold data.
+    pub force: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum CreateError {
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Member(#[from] MemberError),
+    #[error("volume name must be 1 to {MAX_NAME_LEN} bytes, got {0:?}")]
+    BadName(String),
+    #[error("{0} is given twice")]
+    Duplicate(PathBuf),
+    #[error("{0}: does not exist; give --size to create it")]
+    NoSize(PathBuf),
+    #[error("{path}: {action} failed: {source}")]
+    Prepare { path: PathBuf, action: &'static str, source: io::Error },
+    #[error("{path}: already a member of volume {name:?} ({uuid}); use --force to overwrite it")]
+    InVolume { path: PathBuf, name: String, uuid: String },
+    #[error("{path}: has a damaged nbraid superblock ({source}); use --force to overwrite it")]
+    DamagedSuperblock { path: PathBuf, source: SuperblockError },
+    #[error("{0}: holds data that is not an nbraid member; use --force to overwrite it")]
+    HoldsData(PathBuf),
+    #[error("{path}: too small: {size} bytes, a member needs at least {need} ({METADATA_RESERVED} of metadata plus one chunk)")]
+    TooSmall { path: PathBuf, size: u64, need: u64 },
+}
+
+/// What `create` made, for the summary it prints.
+#[derive(Debug)]
+pub struct Created {
+    pub superblock: Superblock,
+    pub geometry: Geometry,
+}
+
+pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, CreateError> {
+    if spec.name.is_empty() || spec.name.len() > MAX_NAME_LEN {
+        return Err(CreateError::BadName(spec.name.clone()));
+    }
+    let n = spec.members.len() as u32;
+    // Validate level and shard counts before touching any member.
+    Geometry::new(spec.level, n, spec.ec, spec.chunk, spec.chunk)?;
+    for (i, p) in spec.members.iter().enumerate() {
+        if spec.members[..i].contains(p) {
+            return Err(CreateError::Duplicate(p.clone()));
+        }
+    }
+
+    let mut fresh = Vec::new();
+    for p in &spec.members {
+        fresh.push(prepare_file(p, spec.member_size)?);
+    }
+    let opened: Vec<Member> = join_all(spec.members.iter().map(|p| Member::open(p, engine.clone(), Access::Exclusive)))
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+
+    let need = METADATA_RESERVED + spec.chunk;
+    for m in &opened {
+        let usable = spec.member_size.map_or(m.size(), |s| s.min(m.size()));
+        if usable < need {
+            return Err(CreateError::TooSmall { path: m.path().to_path_buf(), size: usable, need });
+        }
+    }
+    for (m, &is_fresh) in opened.iter().zip(&fresh) {
+        if !is_fresh && !spec.force {
+            refuse_if_in_use(m).await?;
+        }
+    }
+    let usable = opened.iter().map(|m| spec.member_size.map_or(m.size(), |s| s.min(m.size()))).min().unwrap_or(0);
+    let geometry = Geometry::new(spec.level, n, spec.ec, spec.chunk, usable - METADATA_RESERVED)?;
+
+    // Parity must match the data from the first read on: start from all zeros, whose parity
+    // (XOR and Reed-Solomon alike) is zeros. Fresh sparse files already are.
+    for (m, &is_fresh) in opened.iter().zip(&fresh) {
+        if !is_fresh {
+            zero_member(m.path(), METADATA_RESERVED + geometry.stripes * geometry.chunk)?;
+        }
+    }
+
+    let volume_uuid = random_uuid().map_err(|source| CreateError::Prepare { path: spec.members[0].clone(), action: "random UUID", source })?;
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let mut template = Superblock {
+        volume_uuid,
+        member_uuid: [0; 16],
+        created,
+        event: 1,
+        level_code: spec.level.code(),
+        members: n,
+        data_shards: geometry.data_shards,
+        parity_shards: geometry.parity_shards,
+        chunk: geometry.chunk,
+        data_offset: METADATA_RESERVED,
+        member_data_bytes: geometry.stripes * geometry.chunk,
+        volume_size: geometry.volume_size(),
+        member_index: 0,
+        name: spec.name.clone(),
+        slots: vec![SlotState::Active; n as usize],
+    };
+    for (i, m) in opened.iter().enumerate() {
+        let mut sb = template.clone();
+        sb.member_index = i as u32;
+        sb.member_uuid = random_uuid().map_err(|source| CreateError::Prepare { path: m.path().to_path_buf(), action: "random UUID", source })?;
+        m.write_superblock_both(&sb).await?;
+    }
+    template.member_index = 0;
+    tracing::debug!("created volume {} ({})", spec.name, uuid_string(&volume_uuid));
+    Ok(Created { superblock: template, geometry })
+}
+
+/// Creates a missing file or grows a short one to `size`. Returns true if the member is known
+/// to be blank (newly created), so it needs neither the in-use check nor zeroing.
+fn prepare_file(path: &Path, size: Option<u64>) -> Result<bool, CreateError> {
+    let err = |action, source| CreateError::Prepare { path: path.to_path_buf(), action, source };
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let size = size.ok_or_else(|| CreateError::NoSize(path.to_path_buf()))?;
+            let f = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| err("create", e))?;
+            f.set_len(size).map_err(|e| err("set size", e))?;
+            Ok(true)
+        }
+        Err(e) => Err(err("stat", e)),
+        Ok(meta) if meta.file_type().is_block_device() => Ok(false),
+        Ok(meta) if meta.is_file() => {
+            if let Some(size) = size {
+                if meta.len() < size {
+                    let f = OpenOptions::new().write(true).open(path).map_err(|e| err("open", e))?;
+                    f.set_len(size).map_err(|e| err("grow", e))?;
+                }
+            }
+            Ok(false)
+        }
+        Ok(_) => Err(CreateError::Member(MemberError::NotStorage { path: path.to_path_buf() })),
+    }
+}
+
+/// Refuses a member that belongs to a volume, or a file that holds any data.
+async fn refuse_if_in_use(m: &Member) -> Result<(), CreateError> {
+    match m.read_superblock().await {
+        Ok(sb) => Err(CreateError::InVolume { path: m.path().to_path_buf(), name: sb.name, uuid: uuid_string(&sb.volume_uuid) }),
+        Err(MemberError::Superblock { source: SuperblockError::NoMagic, .. }) => {
+            if has_data(m.path()).map_err(|source| CreateError::Prepare { path: m.path().to_path_buf(), action: "look for data", source })? {
+                Err(CreateError::HoldsData(m.path().to_path_buf()))
+            } else {
+                Ok(())
+            }
+        }
+        Err(MemberError::Superblock { source, .. }) => Err(CreateError::DamagedSuperblock { path: m.path().to_path_buf(), source }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// True if a regular file has any allocated (non-hole) byte. Block devices: assumed blank.
+fn has_data(path: &Path) -> io::Result<bool> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() || meta.len() == 0 {
+        return Ok(false);
+    }
+    let f = std::fs::File::open(path)?;
+    // SAFETY: plain syscall on a descriptor we own.
+    let pos = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+    if pos >= 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENXIO) => Ok(false), // only holes
+        _ => Err(e),
+    }
+}
+
+/// Makes [0, len) of a member read as zeros: punches a hole in a file, BLKZEROOUT on a device.
+fn zero_member(path: &Path, len: u64) -> Result<(), CreateError> {
+    let err = |source| CreateError::Prepare { path: path.to_path_buf(), action: "zero", source };
+    let f = OpenOptions::new().write(true).open(path).map_err(err)?;
+    let meta = f.metadata().map_err(err)?;
+    let rc = if meta.file_type().is_block_device() {
+        const BLKZEROOUT: libc::c_ulong = 0x127f;
+        let range: [u64; 2] = [0, len];
+        unsafe { libc::ioctl(f.as_raw_fd(), BLKZEROOUT, range.as_ptr()) }
+    } else {
+        unsafe {
+            libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, len.min(meta.len()) as libc::off_t)
+        }
+    };
+    if rc != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    f.sync_all().map_err(err)
+}
