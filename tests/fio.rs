@@ -29,14 +29,14 @@ fn verify_run(tag: &str, args: &[&str], n: usize) {
     let d = Daemon::start(&dir, &members);
     let uri = d.uri();
 
-    let v = fio(&fio_args(
+    let v = fio_ctx(&fio_args(
         &uri,
         &["--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=32m", "--verify=crc32c", "--verify_fatal=1"],
-    ));
+    ), &|| d.context());
     assert_eq!(fio_bytes(&v, "write"), 32 * MIB, "fio wrote less than asked");
     assert!(fio_bytes(&v, "read") >= 32 * MIB, "fio verified less than it wrote");
 
-    let v = fio(&fio_args(
+    let v = fio_ctx(&fio_args(
         &uri,
         &[
             "--rw=randwrite",
@@ -47,14 +47,14 @@ fn verify_run(tag: &str, args: &[&str], n: usize) {
             "--verify=crc32c",
             "--verify_fatal=1",
         ],
-    ));
+    ), &|| d.context());
     assert_eq!(fio_bytes(&v, "write"), 24 * MIB, "fio (mixed bs) wrote less than asked");
 
     // sequential, large, unaligned-to-stripe blocks across the whole first region, verified
-    let v = fio(&fio_args(
+    let v = fio_ctx(&fio_args(
         &uri,
         &["--rw=write", "--bs=96k", "--iodepth=8", "--size=30m", "--verify=crc32c", "--verify_fatal=1"],
-    ));
+    ), &|| d.context());
     assert!(fio_bytes(&v, "write") > 0);
     d.stop_ok();
     check_clean(&members);
@@ -78,7 +78,7 @@ fn concurrent_same_stripes(tag: &str, args: &[&str], n: usize) {
     let members = volume(&dir, args, n, "32MiB");
     let d = Daemon::start(&dir, &members);
     let uri = d.uri();
-    let v = fio(&fio_args(
+    let v = fio_ctx(&fio_args(
         &uri,
         &[
             "--rw=randwrite",
@@ -91,10 +91,10 @@ fn concurrent_same_stripes(tag: &str, args: &[&str], n: usize) {
             "--norandommap",
             "--randrepeat=0",
         ],
-    ));
+    ), &|| d.context());
     assert_eq!(v["jobs"].as_array().unwrap().len(), 4, "expected four fio jobs (connections)");
     // and a concurrent read/write mix over the same region, with flushes
-    fio(&fio_args(
+    fio_ctx(&fio_args(
         &uri,
         &[
             "--rw=randrw",
@@ -108,7 +108,7 @@ fn concurrent_same_stripes(tag: &str, args: &[&str], n: usize) {
             "--fsync=16",
             "--norandommap",
         ],
-    ));
+    ), &|| d.context());
     d.stop_ok();
     check_clean(&members);
 

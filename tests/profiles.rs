@@ -44,7 +44,7 @@ fn profiles_run_briefly_against_raid5() {
         c.env("NBD_URI", d.uri()).arg("--io_size=2m").arg("--output-format=json").arg(profile(p));
         let o = run(&mut c);
         let out = String::from_utf8_lossy(&o.stdout).to_string();
-        let ctx = format!("profile {p}\n{}", show(&o));
+        let ctx = format!("profile {p}\n{}\n{}", show(&o), d.context());
         assert!(o.status.success(), "{ctx}");
         let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
         assert!(!err.contains("fail") && !err.contains("error") && !err.contains("verify"), "{ctx}");

@@ -284,6 +284,16 @@ impl Daemon {
         nbdinfo_size(&self.uri())
     }
 
+    /// The daemon's state for failure messages: socket present?, log.
+    pub fn context(&self) -> String {
+        format!(
+            "daemon socket {} exists: {}\n--- daemon stderr ---\n{}",
+            self.sock.display(),
+            self.sock.exists(),
+            self.stderr()
+        )
+    }
+
     /// SIGTERM and wait; returns the exit status (SIGKILL and panic if it does not exit).
     pub fn stop(mut self) -> ExitStatus {
         let st = self.terminate(libc::SIGTERM);
@@ -524,12 +534,17 @@ impl Shadow {
 /// Run fio with JSON output; fails the test on a non-zero exit, any job error, any verify
 /// complaint, or when a job did no I/O. Returns the parsed JSON.
 pub fn fio(args: &[String]) -> serde_json::Value {
+    fio_ctx(args, &String::new)
+}
+
+/// `fio`, adding `extra()` (e.g. the daemon's stderr) to any failure message.
+pub fn fio_ctx(args: &[String], extra: &dyn Fn() -> String) -> serde_json::Value {
     let mut c = Command::new(tool("fio"));
     c.args(args).arg("--output-format=json");
     let o = run(&mut c);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    let ctx = || format!("fio {:?}\n{}", args, show(&o));
+    let ctx = || format!("fio {:?}\n{}\n{}", args, show(&o), extra());
     assert!(o.status.success(), "fio exited non-zero\n{}", ctx());
     for bad in ["verify", "bad magic", "mismatch", "crc32c", "error", "fail"] {
         assert!(!err.to_lowercase().contains(bad), "fio stderr mentions {bad:?}\n{}", ctx());
