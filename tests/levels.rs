@@ -29,7 +29,7 @@ fn size_arg(bytes: u64) -> String {
 fn plan(size: u64, c: u64, s: u64) -> (Shadow, Shadow) {
     // Region 1 sits right after the random image; `b` is a stripe boundary inside it.
     let b = round_up(IMAGE + 128 * KIB, s);
-    let mut r1 = Shadow::new(IMAGE, b - IMAGE + 4 * s + 256 * KIB);
+    let mut r1 = Shadow::new(IMAGE, b - IMAGE + 5 * s + 8 * MIB + 256 * KIB);
     r1.write(b + 1, 1, 0x11);
     r1.write(b + c - 1, 2, 0x22); // crosses the first chunk boundary
     r1.write(b + c + 100, 4095, 0x33);
@@ -42,10 +42,14 @@ fn plan(size: u64, c: u64, s: u64) -> (Shadow, Shadow) {
     r1.write(b + 3 * s - 1, s + 2, 0xbb); // crosses two stripe boundaries
     r1.write(b + 4 * s + c, 1, 0xcc);
     r1.write(b + 12345, 1, 0xdd);
+    r1.write_zeroes(b + s - 100, 300); // zeroes across a stripe boundary, inside written data
+    r1.write_fua(b + 5 * s + 3, 8 * MIB - 5, 0x5f); // one large unaligned FUA request, many stripes
+    r1.write_zeroes(b + 6 * s, 2 * s); // whole stripes of zeroes inside it
+    r1.write_fua(b + 6 * s + c + 1, 1000, 0x5e);
 
     // Region 2: the last stripes of the volume.
     let base2 = size - 2 * s - 128 * KIB;
-    assert!(base2 > b + 4 * s + 256 * KIB, "volume too small for the plan");
+    assert!(base2 > r1.base + r1.bytes.len() as u64, "volume too small for the plan");
     let mut r2 = Shadow::new(base2, size - base2);
     r2.write(size - 2 * s - 100, s, 0xe4);
     r2.write(size - 4095, 4095, 0xe1);

@@ -504,6 +504,18 @@ impl Shadow {
         self.writes.push(format!("write -P 0x{pat:02x} {off} {len}"));
     }
 
+    /// Record `write -f -P pat off len` (FUA: durable before it is acknowledged).
+    pub fn write_fua(&mut self, off: u64, len: u64, pat: u8) {
+        self.write(off, len, pat);
+        self.writes.last_mut().unwrap().replace_range(0..5, "write -f");
+    }
+
+    /// Record `write -z off len` (NBD_CMD_WRITE_ZEROES where the server offers it).
+    pub fn write_zeroes(&mut self, off: u64, len: u64) {
+        self.write(off, len, 0);
+        *self.writes.last_mut().unwrap() = format!("write -z {off} {len}");
+    }
+
     pub fn verify_cmds(&self) -> Vec<String> {
         let mut v = vec![];
         let mut i = 0;
