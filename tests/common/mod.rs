@@ -943,3 +943,49 @@ pub fn loops_for(file: &Path) -> String {
     let f = file.to_string_lossy().to_string();
     String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.contains(&f)).collect::<Vec<_>>().join("\n")
 }
+
+/// A member file whose I/O fails on command: `nbdkit --filter=error file BACKING` exported as a
+/// file through nbdfuse. While `trigger` exists every request to it returns EIO. The backing
+/// file can also be edited directly (silent corruption).
+pub struct FaultyMember {
+    // drop order: nbdfuse first, then nbdkit
+    pub fuse: Fuse,
+    pub kit: Nbdkit,
+    pub backing: PathBuf,
+    pub trigger: PathBuf,
+}
+
+impl FaultyMember {
+    pub fn new(dir: &TestDir, tag: &str, size: u64) -> FaultyMember {
+        let backing = dir.join(format!("{tag}.img"));
+        let f = File::create(&backing).unwrap();
+        f.set_len(size).unwrap();
+        let trigger = dir.join(format!("{tag}.FAIL"));
+        let kit = Nbdkit::start(
+            dir,
+            &[
+                "--filter=error",
+                "file",
+                backing.to_str().unwrap(),
+                "error=EIO",
+                "error-rate=100%",
+                &format!("error-file={}", trigger.display()),
+            ],
+        );
+        let fuse = Fuse::start(&dir.join(format!("{tag}-fuse")), &kit.sock, &dir.join(format!("{tag}-nbdfuse.log")));
+        FaultyMember { fuse, kit, backing, trigger }
+    }
+
+    /// The path to give nbraid as the member.
+    pub fn path(&self) -> PathBuf {
+        self.fuse.file()
+    }
+
+    pub fn fail(&self) {
+        File::create(&self.trigger).unwrap();
+    }
+
+    pub fn heal(&self) {
+        let _ = fs::remove_file(&self.trigger);
+    }
+}
