@@ -18,7 +18,17 @@ const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
+const REP_SERVER: u32 = 2;
+const REP_ERR_UNSUP: u32 = 0x8000_0001;
+const TFLAG_SEND_TRIM: u16 = 1 << 5;
+const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_FLAG_FUA: u16 = 1;
 const REP_ACK: u32 = 1;
 const REP_INFO: u32 = 3;
 const INFO_EXPORT: u16 = 0;
@@ -59,8 +69,8 @@ struct Reply {
 }
 
 impl Client {
-    /// Handshake and NBD_OPT_GO; Err(reply type) if the server answers GO with an error.
-    fn try_connect(sock: &Path, export: &str) -> Result<Client, u32> {
+    /// Greeting and client flags; the connection is then in the option phase.
+    fn handshake(sock: &Path) -> UnixStream {
         let mut s = UnixStream::connect(sock).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -71,26 +81,44 @@ impl Client {
         let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
         let cflags: u32 = 1 | if no_zeroes { 2 } else { 0 };
         s.write_all(&cflags.to_be_bytes()).unwrap();
+        s
+    }
 
+    fn send_opt(s: &mut UnixStream, opt: u32, data: &[u8]) {
+        let mut o = vec![];
+        o.extend(IHAVEOPT.to_be_bytes());
+        o.extend(opt.to_be_bytes());
+        o.extend((data.len() as u32).to_be_bytes());
+        o.extend(data);
+        s.write_all(&o).unwrap();
+    }
+
+    /// One option reply: (type, payload).
+    fn opt_reply(s: &mut UnixStream, opt: u32) -> (u32, Vec<u8>) {
+        assert_eq!(u64be(s), REPLY_MAGIC_OPT, "option reply magic");
+        assert_eq!(u32be(s), opt, "option reply for another option");
+        let typ = u32be(s);
+        let len = u32be(s) as usize;
+        assert!(len < 1 << 20, "option reply of {len} bytes");
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).unwrap();
+        (typ, payload)
+    }
+
+    fn go_data(export: &str) -> Vec<u8> {
         let mut data = vec![];
         data.extend((export.len() as u32).to_be_bytes());
         data.extend(export.as_bytes());
         data.extend(0u16.to_be_bytes()); // no info requests: the server sends NBD_INFO_EXPORT anyway
-        let mut opt = vec![];
-        opt.extend(IHAVEOPT.to_be_bytes());
-        opt.extend(OPT_GO.to_be_bytes());
-        opt.extend((data.len() as u32).to_be_bytes());
-        opt.extend(data);
-        s.write_all(&opt).unwrap();
+        data
+    }
 
+    /// NBD_OPT_GO or NBD_OPT_INFO: Ok((size, flags)) or Err(error reply type).
+    fn go(s: &mut UnixStream, opt: u32, export: &str) -> Result<(u64, u16), u32> {
+        Self::send_opt(s, opt, &Self::go_data(export));
         let (mut size, mut flags) = (None, 0);
         loop {
-            assert_eq!(u64be(&mut s), REPLY_MAGIC_OPT, "option reply magic");
-            assert_eq!(u32be(&mut s), OPT_GO, "option reply for another option");
-            let typ = u32be(&mut s);
-            let len = u32be(&mut s) as usize;
-            let mut payload = vec![0u8; len];
-            s.read_exact(&mut payload).unwrap();
+            let (typ, payload) = Self::opt_reply(s, opt);
             if typ & 0x8000_0000 != 0 {
                 return Err(typ);
             }
@@ -98,7 +126,7 @@ impl Client {
                 REP_INFO => {
                     let info = u16::from_be_bytes([payload[0], payload[1]]);
                     if info == INFO_EXPORT {
-                        assert_eq!(len, 12, "NBD_INFO_EXPORT length");
+                        assert_eq!(payload.len(), 12, "NBD_INFO_EXPORT length");
                         size = Some(u64::from_be_bytes(payload[2..10].try_into().unwrap()));
                         flags = u16::from_be_bytes([payload[10], payload[11]]);
                     }
@@ -107,7 +135,13 @@ impl Client {
                 other => panic!("unexpected option reply type {other:#x}"),
             }
         }
-        let size = size.expect("server sent no NBD_INFO_EXPORT before NBD_REP_ACK");
+        Ok((size.expect("server sent no NBD_INFO_EXPORT before NBD_REP_ACK"), flags))
+    }
+
+    /// Handshake and NBD_OPT_GO; Err(reply type) if the server answers GO with an error.
+    fn try_connect(sock: &Path, export: &str) -> Result<Client, u32> {
+        let mut s = Self::handshake(sock);
+        let (size, flags) = Self::go(&mut s, OPT_GO, export)?;
         Ok(Client { s, size, flags, cookie: 1 })
     }
 
@@ -336,4 +370,127 @@ fn many_requests_in_flight_on_one_connection() {
     }
     c.disconnect();
     d.stop_ok();
+}
+
+impl Client {
+    fn request_flags(&mut self, flags: u16, typ: u16, off: u64, len: u32, payload: &[u8]) -> Reply {
+        let (mut h, cookie) = self.header(typ, off, len);
+        h[4..6].copy_from_slice(&flags.to_be_bytes());
+        h.extend(payload);
+        self.s.write_all(&h).unwrap();
+        self.reply(cookie)
+    }
+}
+
+#[test]
+fn option_phase_list_info_unknown_then_go() {
+    let (_dir, _m, d) = setup("wire-opts");
+    let mut s = Client::handshake(&d.sock);
+    // an option the server does not know: NBD_REP_ERR_UNSUP, and the option phase goes on
+    Client::send_opt(&mut s, 0x4242, b"whatever");
+    let (typ, _) = Client::opt_reply(&mut s, 0x4242);
+    assert_eq!(typ, REP_ERR_UNSUP, "unknown option: expected NBD_REP_ERR_UNSUP");
+    // LIST names the volume
+    Client::send_opt(&mut s, OPT_LIST, &[]);
+    let mut names = vec![];
+    loop {
+        let (typ, p) = Client::opt_reply(&mut s, OPT_LIST);
+        match typ {
+            REP_SERVER => {
+                let n = u32::from_be_bytes(p[0..4].try_into().unwrap()) as usize;
+                names.push(String::from_utf8_lossy(&p[4..4 + n]).to_string());
+            }
+            REP_ACK => break,
+            other => panic!("NBD_OPT_LIST: unexpected reply {other:#x}"),
+        }
+    }
+    assert!(names.iter().any(|n| n == "wire"), "NBD_OPT_LIST does not list the volume `wire`: {names:?}");
+    // INFO then GO on the same connection
+    let (size, _) = Client::go(&mut s, OPT_INFO, "wire").expect("NBD_OPT_INFO");
+    let (size2, _) = Client::go(&mut s, OPT_GO, "").expect("NBD_OPT_GO after INFO");
+    assert_eq!(size, size2);
+    let mut c = Client { s, size, flags: 0, cookie: 1 };
+    assert_eq!(c.write(0, &pattern(4096, 4)), 0);
+    assert_eq!(c.read(0, 4096).unwrap(), pattern(4096, 4));
+    c.disconnect();
+    // ABORT: the server may ack, then closes
+    let mut s = Client::handshake(&d.sock);
+    Client::send_opt(&mut s, OPT_ABORT, &[]);
+    drop(s);
+    // an absurd option length: the server must not try to read 2 GiB; it closes or errors
+    let mut s = Client::handshake(&d.sock);
+    let mut o = vec![];
+    o.extend(IHAVEOPT.to_be_bytes());
+    o.extend(OPT_GO.to_be_bytes());
+    o.extend(0x7fff_ffffu32.to_be_bytes());
+    o.extend([0u8; 64]);
+    let _ = s.write_all(&o);
+    drop(s);
+    let mut c = Client::connect(&d.sock, "wire");
+    assert_eq!(c.read(0, 4096).unwrap(), pattern(4096, 4), "daemon unusable after option abuse");
+    c.disconnect();
+    d.stop_ok();
+}
+
+#[test]
+fn fua_trim_write_zeroes_and_odd_lengths() {
+    let (_dir, m, d) = setup("wire-cmds");
+    let mut c = Client::connect(&d.sock, "");
+    let p = pattern(3 * 65536, 6);
+    assert_eq!(c.request_flags(CMD_FLAG_FUA, CMD_WRITE, 65536 - 512, p.len() as u32, &p).error, 0, "FUA write");
+    assert_eq!(c.read(65536 - 512, p.len() as u32).unwrap(), p);
+    if c.flags & TFLAG_SEND_WRITE_ZEROES != 0 {
+        assert_eq!(c.request_flags(0, CMD_WRITE_ZEROES, 65536 + 100, 70000, &[]).error, 0, "WRITE_ZEROES");
+        let mut want = p.clone();
+        want[612..612 + 70000].fill(0);
+        assert_eq!(c.read(65536 - 512, p.len() as u32).unwrap(), want, "WRITE_ZEROES did not zero exactly its range");
+    }
+    if c.flags & TFLAG_SEND_TRIM != 0 {
+        assert_eq!(c.request_flags(0, CMD_TRIM, 8 * 65536, 4 * 65536 + 4096, &[]).error, 0, "TRIM");
+    }
+    // zero-length requests: answered (success or EINVAL), and the connection goes on
+    let r = c.request(CMD_READ, 4096, 0, &[]);
+    assert!(r.error == 0 || r.error == EINVAL, "zero-length read: error {}", r.error);
+    let r = c.request(CMD_WRITE, 4096, 0, &[]);
+    assert!(r.error == 0 || r.error == EINVAL, "zero-length write: error {}", r.error);
+    assert_eq!(c.write(4096 + 1, &pattern(1, 1)), 0, "one-byte write");
+    assert_eq!(c.read(4096, 3).unwrap(), vec![0, pattern(1, 1)[0], 0]);
+    assert_eq!(c.flush(), 0);
+    c.disconnect();
+    // a read larger than the advertised maximum: EINVAL or a closed connection, never a crash
+    let mut c = Client::connect(&d.sock, "");
+    let (h, cookie) = c.header(CMD_READ, 0, 256 << 20);
+    c.s.write_all(&h).unwrap();
+    let mut magic = [0u8; 4];
+    match c.s.read_exact(&mut magic) {
+        Ok(()) => {
+            assert_eq!(u32::from_be_bytes(magic), SIMPLE_REPLY_MAGIC);
+            assert_eq!(u32be(&mut c.s), EINVAL, "256 MiB read: expected EINVAL");
+            assert_eq!(u64be(&mut c.s), cookie);
+        }
+        Err(_) => {} // disconnected: allowed
+    }
+    let mut c = Client::connect(&d.sock, "");
+    assert_eq!(c.read(65536 - 512, p.len() as u32).unwrap().len(), p.len());
+    c.disconnect();
+    d.stop_ok();
+    check_clean(&m);
+}
+
+#[test]
+fn many_connections_at_once() {
+    let (_dir, m, d) = setup("wire-many");
+    let mut cs: Vec<Client> = (0..32).map(|_| Client::connect(&d.sock, "")).collect();
+    for (i, c) in cs.iter_mut().enumerate() {
+        assert_eq!(c.write(i as u64 * 20000, &pattern(20000, i as u8)), 0);
+    }
+    for (i, c) in cs.iter_mut().enumerate() {
+        let j = (i + 7) % 32;
+        assert_eq!(c.read(j as u64 * 20000, 20000).unwrap(), pattern(20000, j as u8), "block {j} via connection {i}");
+    }
+    for c in cs {
+        c.disconnect();
+    }
+    d.stop_ok();
+    check_clean(&m);
 }
