@@ -304,3 +304,23 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+/// While `serve` has the members open, nothing else may touch them: check, create --force and
+/// a second serve all refuse, naming the member, and the served data is unharmed.
+#[test]
+fn members_in_use_by_a_running_daemon_are_refused() {
+    let dir = TestDir::new("cli-busy");
+    let a = dir.members("a", 3);
+    create(&["--level", "raid5", "--size", "8MiB"], &a);
+    let d = Daemon::start(&dir, &a);
+    qemu_io(&d.uri(), &["write -P 0x5c 4097 100000".into()]);
+    let o = run(nbraid().arg("check").args(&a));
+    assert!(!o.status.success(), "check ran on members of a running daemon\n{}", show(&o));
+    let o = create_fails(&["--level", "raid0", "--size", "8MiB", "--force"], &a[..2]);
+    assert!(stderr_of(&o).contains(&a[0].display().to_string()), "{}", show(&o));
+    let (st, err) = serve_refusal(&dir, &a);
+    assert!(!st.success(), "a second serve started on the same members\n{err}");
+    qemu_io(&d.uri(), &["read -P 0x5c 4097 100000".into(), "read -P 0 0 4097".into()]);
+    d.stop_ok();
+    check_clean(&a);
+}
