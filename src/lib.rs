@@ -13,6 +13,7 @@
 pub mod buf;
 pub mod cli;
 pub mod codec;
+pub mod control;
 pub mod layout;
 pub mod member;
 pub mod meta;

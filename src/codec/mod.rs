@@ -28,7 +28,7 @@ pub enum Codec {
     /// raid5: one parity shard, the XOR of `data` data shards.
     Xor { data: usize },
     /// ec: systematic Reed-Solomon from `reed-solomon-erasure` (galois_8).
-    ReedSolomon(RsCodec),
+    ReedSolomon(Box<RsCodec>),
 }
 
 /// Reed-Solomon state: the crate's codec plus the parity coefficients, which the crate does
@@ -73,7 +73,9 @@ pub enum CodecError {
         expected: usize,
         got: usize,
     },
-    #[error("shard {index} is {got} bytes but shard 0 is {expected}; all shards must be equal length")]
+    #[error(
+        "shard {index} is {got} bytes but shard 0 is {expected}; all shards must be equal length"
+    )]
     LengthMismatch {
         index: usize,
         expected: usize,
@@ -123,7 +125,7 @@ impl Codec {
             Level::Raid0 if m == 0 && k >= 1 => Ok(Codec::None { data: k }),
             Level::Raid1 if k == 1 && m >= 1 => Ok(Codec::Mirror { copies: m }),
             Level::Raid5 if m == 1 && k >= 1 => Ok(Codec::Xor { data: k }),
-            Level::Ec if k >= 1 && m >= 1 => Ok(Codec::ReedSolomon(RsCodec::new(k, m)?)),
+            Level::Ec if k >= 1 && m >= 1 => Ok(Codec::ReedSolomon(Box::new(RsCodec::new(k, m)?))),
             level => Err(CodecError::Unsupported(level)),
         }
     }
@@ -263,30 +265,25 @@ impl Codec {
                 let lost = present.iter().position(|p| !*p).unwrap_or(0);
                 let (before, rest) = shards.split_at_mut(lost);
                 let (target, after) = rest.split_at_mut(1);
-                xor_sum(
-                    target[0],
-                    before.iter().chain(after.iter()).map(|s| &s[..]),
-                );
+                xor_sum(target[0], before.iter().chain(after.iter()).map(|s| &s[..]));
             }
-            Codec::ReedSolomon(rs) => {
-                if n <= INLINE_SHARDS {
-                    let mut it = shards.iter_mut().zip(present);
-                    let mut tab: [(&mut [u8], bool); INLINE_SHARDS] =
-                        std::array::from_fn(|_| match it.next() {
-                            Some((s, &p)) => (&mut **s, p),
-                            None => (Default::default(), false),
-                        });
-                    rs.rs.reconstruct(&mut tab[..n])
-                } else {
-                    let mut tab: Vec<(&mut [u8], bool)> = shards
-                        .iter_mut()
-                        .zip(present)
-                        .map(|(s, &p)| (&mut **s, p))
-                        .collect();
-                    rs.rs.reconstruct(&mut tab)
-                }
-                .map_err(CodecError::ReedSolomon)?
+            Codec::ReedSolomon(rs) => if n <= INLINE_SHARDS {
+                let mut it = shards.iter_mut().zip(present);
+                let mut tab: [(&mut [u8], bool); INLINE_SHARDS] =
+                    std::array::from_fn(|_| match it.next() {
+                        Some((s, &p)) => (&mut **s, p),
+                        None => (Default::default(), false),
+                    });
+                rs.rs.reconstruct(&mut tab[..n])
+            } else {
+                let mut tab: Vec<(&mut [u8], bool)> = shards
+                    .iter_mut()
+                    .zip(present)
+                    .map(|(s, &p)| (&mut **s, p))
+                    .collect();
+                rs.rs.reconstruct(&mut tab)
             }
+            .map_err(CodecError::ReedSolomon)?,
         }
         Ok(())
     }

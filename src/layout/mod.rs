@@ -182,7 +182,7 @@ impl Geometry {
         if members > MAX_MEMBERS {
             return Err(LayoutError::TooManyMembers(members));
         }
-        if chunk % MIN_CHUNK != 0 {
+        if !chunk.is_multiple_of(MIN_CHUNK) {
             return Err(LayoutError::ChunkNotAligned(chunk));
         }
         if !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk) {

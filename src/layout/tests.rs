@@ -12,7 +12,7 @@ fn small_geometry() -> impl Strategy<Value = Geometry> {
     (level, 2u32..7, 1u32..4, 1u64..3, 1u64..5, 0u64..4096).prop_filter_map(
         "invalid shape",
         |(level, n, m, chunk_pages, stripes, slack)| {
-            let ec = (level == Level::Ec).then(|| (n, m));
+            let ec = (level == Level::Ec).then_some((n, m));
             let members = if level == Level::Ec { n + m } else { n };
             let chunk = chunk_pages * 4096;
             Geometry::new(level, members, ec, chunk, stripes * chunk + slack).ok()

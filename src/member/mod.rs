@@ -3,7 +3,13 @@
 //!
 //! Knows nothing of RAID levels: offsets here are raw byte offsets on the member.
 
+mod faults;
+
+pub use faults::FaultPlan;
+
 use crate::buf::{AlignedBuf, ALIGN};
+use faults::Faults;
+use std::sync::atomic::{AtomicU64, Ordering};
 use crate::meta::superblock::{Superblock, SuperblockError, SUPERBLOCK_OFFSETS, SUPERBLOCK_SIZE};
 use crate::uring::{BufRange, Engine};
 use std::fs::{File, OpenOptions};
@@ -47,6 +53,25 @@ pub struct Member {
     direct: bool,
     size: u64,
     identity: Identity,
+    stats: Counters,
+    faults: Faults,
+}
+
+#[derive(Default)]
+struct Counters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    read_errors: AtomicU64,
+    write_errors: AtomicU64,
+}
+
+/// I/O counts of one member since it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemberStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub read_errors: u64,
+    pub write_errors: u64,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -74,7 +99,16 @@ impl Member {
         })?;
         let size = if ft.is_block_device() { block_device_size(&file).map_err(open_err)? } else { meta.len() };
 
-        let mut member = Member { path: path.to_path_buf(), file: Arc::new(file), engine, direct, size, identity };
+        let mut member = Member {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            engine,
+            direct,
+            size,
+            identity,
+            stats: Counters::default(),
+            faults: Faults::default(),
+        };
         if direct {
             // Some filesystems accept O_DIRECT at open and refuse it at I/O time.
             let probe = Arc::new(AlignedBuf::zeroed(ALIGN));
@@ -114,6 +148,21 @@ impl Member {
         self.identity
     }
 
+    pub fn stats(&self) -> MemberStats {
+        let c = &self.stats;
+        MemberStats {
+            reads: c.reads.load(Ordering::Relaxed),
+            writes: c.writes.load(Ordering::Relaxed),
+            read_errors: c.read_errors.load(Ordering::Relaxed),
+            write_errors: c.write_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Test hook: from now on, fail or delay this member's I/O as `plan` says.
+    pub fn inject_faults(&self, plan: FaultPlan) {
+        self.faults.set(plan);
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub async fn read_at(&self, offset: u64, buf: BufRange) -> Result<(), MemberError> {
         self.transfer("read", offset, buf).await
@@ -125,7 +174,27 @@ impl Member {
     }
 
     async fn transfer(&self, op: &'static str, offset: u64, buf: BufRange) -> Result<(), MemberError> {
+        let is_write = op == "write";
+        let (count, errors) = if is_write {
+            (&self.stats.writes, &self.stats.write_errors)
+        } else {
+            (&self.stats.reads, &self.stats.read_errors)
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+        let result = self.transfer_once(op, offset, buf).await;
+        if result.is_err() {
+            errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn transfer_once(&self, op: &'static str, offset: u64, buf: BufRange) -> Result<(), MemberError> {
         let len = buf.len();
+        if self.faults.is_armed() {
+            if let Some(source) = self.faults.apply(op == "write").await {
+                return Err(MemberError::Io { path: self.path.clone(), op, offset, len, source });
+            }
+        }
         let mut attempts = 0;
         loop {
             let result = if op == "read" {
@@ -148,7 +217,15 @@ impl Member {
 
     /// Makes completed writes durable (fdatasync through the ring).
     pub async fn sync(&self) -> Result<(), MemberError> {
-        self.engine.fsync(self.file.clone(), true).await.map_err(|source| MemberError::Io {
+        let injected = match self.faults.is_armed() {
+            true => self.faults.apply(true).await,
+            false => None,
+        };
+        let result = match injected {
+            Some(e) => Err(e),
+            None => self.engine.fsync(self.file.clone(), true).await,
+        };
+        result.map_err(|source| MemberError::Io {
             path: self.path.clone(),
             op: "fdatasync",
             offset: 0,
@@ -238,6 +315,9 @@ mod tests {
             member_index: 1,
             name: "t".into(),
             slots: vec![SlotState::Active; 2],
+            checkpoints: vec![0; 2],
+            spare: false,
+            replacement: false,
         }
     }
 

@@ -20,10 +20,11 @@
 //! | 96 | 8 | data bytes per member (whole stripes) |
 //! | 104 | 8 | volume size in bytes |
 //! | 112 | 4 | this member's slot index |
-//! | 116 | 4 | flags (none defined; must be 0) |
+//! | 116 | 4 | flags: bit 0 spare, bit 1 replacement (others must be 0) |
 //! | 120 | 4 | name length |
 //! | 124 | 64 | volume name, UTF-8 |
 //! | 192 | 256 | slot states, one byte per slot (see [`SlotState`]) |
+//! | 448 | 2048 | per slot, u64: rebuild checkpoint (stripes done) for rebuilding/replacing slots |
 //! | 4092 | 4 | crc32c of bytes 0..4092 |
 //!
 //! Two copies live at [`SUPERBLOCK_OFFSETS`]; a new superblock is written to the copy selected by
@@ -52,6 +53,8 @@ pub enum SlotState {
     Failed,
     /// Being rebuilt; data below the rebuild checkpoint is valid.
     Rebuilding,
+    /// Serving, while a replacement member is built for it up to the checkpoint.
+    Replacing,
 }
 
 impl SlotState {
@@ -60,6 +63,7 @@ impl SlotState {
             SlotState::Active => 0,
             SlotState::Failed => 1,
             SlotState::Rebuilding => 2,
+            SlotState::Replacing => 3,
         }
     }
 
@@ -68,6 +72,7 @@ impl SlotState {
             0 => Some(SlotState::Active),
             1 => Some(SlotState::Failed),
             2 => Some(SlotState::Rebuilding),
+            3 => Some(SlotState::Replacing),
             _ => None,
         }
     }
@@ -91,7 +96,17 @@ pub struct Superblock {
     pub name: String,
     /// One entry per slot, `members` long.
     pub slots: Vec<SlotState>,
+    /// Per slot: stripes already rebuilt, for `Rebuilding` and `Replacing` slots (else 0).
+    pub checkpoints: Vec<u64>,
+    /// This member is a hot spare of the volume; `member_index` is meaningless.
+    pub spare: bool,
+    /// This member is being built to replace the member in slot `member_index`.
+    pub replacement: bool,
 }
+
+const FLAG_SPARE: u32 = 1;
+const FLAG_REPLACEMENT: u32 = 2;
+const CHECKPOINTS_OFFSET: usize = 448;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SuperblockError {
@@ -137,12 +152,17 @@ impl Superblock {
         b[96..104].copy_from_slice(&self.member_data_bytes.to_le_bytes());
         b[104..112].copy_from_slice(&self.volume_size.to_le_bytes());
         b[112..116].copy_from_slice(&self.member_index.to_le_bytes());
-        // 116..120: flags, none defined.
+        let flags = if self.spare { FLAG_SPARE } else { 0 } | if self.replacement { FLAG_REPLACEMENT } else { 0 };
+        b[116..120].copy_from_slice(&flags.to_le_bytes());
         let name = truncate_utf8(&self.name, MAX_NAME_LEN);
         b[120..124].copy_from_slice(&(name.len() as u32).to_le_bytes());
         b[124..124 + name.len()].copy_from_slice(name.as_bytes());
         for (i, s) in self.slots.iter().take(MAX_SLOTS).enumerate() {
             b[192 + i] = s.code();
+        }
+        for (i, c) in self.checkpoints.iter().take(MAX_SLOTS).enumerate() {
+            let at = CHECKPOINTS_OFFSET + 8 * i;
+            b[at..at + 8].copy_from_slice(&c.to_le_bytes());
         }
         let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
         b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
@@ -168,7 +188,8 @@ impl Superblock {
         if u32_at(b, 12) as usize != SUPERBLOCK_SIZE {
             return Err(SuperblockError::Malformed("unexpected block length"));
         }
-        if u32_at(b, 116) != 0 {
+        let flags = u32_at(b, 116);
+        if flags & !(FLAG_SPARE | FLAG_REPLACEMENT) != 0 || flags == FLAG_SPARE | FLAG_REPLACEMENT {
             return Err(SuperblockError::Malformed("unknown flags set"));
         }
         let members = u32_at(b, 68);
@@ -190,6 +211,7 @@ impl Superblock {
         for i in 0..members as usize {
             slots.push(SlotState::from_code(b[192 + i]).ok_or(SuperblockError::Malformed("unknown slot state"))?);
         }
+        let checkpoints = (0..members as usize).map(|i| u64_at(b, CHECKPOINTS_OFFSET + 8 * i)).collect();
         Ok(Superblock {
             volume_uuid: b[16..32].try_into().expect("16-byte slice"),
             member_uuid: b[32..48].try_into().expect("16-byte slice"),
@@ -206,6 +228,9 @@ impl Superblock {
             member_index,
             name,
             slots,
+            checkpoints,
+            spare: flags & FLAG_SPARE != 0,
+            replacement: flags & FLAG_REPLACEMENT != 0,
         })
     }
 
@@ -297,6 +322,9 @@ mod tests {
             member_index: 2,
             name: "vol0".into(),
             slots: vec![SlotState::Active, SlotState::Failed, SlotState::Active, SlotState::Rebuilding],
+            checkpoints: vec![0, 0, 0, 12345],
+            spare: false,
+            replacement: true,
         }
     }
 

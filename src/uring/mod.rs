@@ -1,32 +1,31 @@
-//! The io_uring engine: one ring driven by a dedicated thread, completions that wake futures.
+//! The io_uring engine: one ring shared by the runtime's threads, completions that wake futures.
 //!
-//! Why a thread of its own: the NBD side runs on tokio, whose reactor is epoll-based. Rather than
-//! teach tokio about a second event source, submitters push operations onto a queue and the ring
-//! thread moves them into the submission queue in batches, submits them with one syscall, and
-//! reaps completions — so a burst of requests from many connections costs one `io_uring_enter`
-//! instead of one syscall per member I/O. While idle the thread sleeps inside the kernel waiting
-//! for a completion; an eventfd read kept armed in the ring lets submitters wake it.
+//! Why this shape: on a machine with few cores the expensive thing is not the syscall but the
+//! thread hand-off. So there is no ring thread: a task submits its own SQE (one `io_uring_enter`,
+//! no wake-up of anybody), and the ring's file descriptor is registered with tokio's reactor,
+//! which reports it readable when completions are waiting. A reaper task then drains the whole
+//! completion queue at once and wakes each waiting future.
 //!
 //! Memory safety across cancellation: every operation owns what the kernel touches (the file and
 //! the buffer, via `Arc`) until the kernel reports completion, so dropping the future early never
-//! frees memory the kernel is still writing to.
+//! frees memory the kernel is still writing to; tearing the ring down waits for in-flight
+//! operations first.
 
 use crate::buf::AlignedBuf;
 use io_uring::{opcode, squeue, types, IoUring};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use tokio::sync::oneshot;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{oneshot, Notify};
 
-/// Submission queue size of each ring.
+/// Submission queue size of the ring.
 const RING_ENTRIES: u32 = 1024;
-/// Operations the thread keeps in the kernel at once; bounded so completions never overflow.
+/// Operations kept in the kernel at once; the completion queue is sized so it never overflows.
 const MAX_IN_FLIGHT: usize = 2 * RING_ENTRIES as usize;
-/// `user_data` of the eventfd read that wakes the ring thread.
-const WAKE_TOKEN: u64 = u64::MAX;
 
 /// A byte range of a shared aligned buffer, handed to the kernel for one operation.
 ///
@@ -95,55 +94,160 @@ impl Op {
     }
 }
 
-struct Shared {
-    queue: Mutex<Vec<Op>>,
-    wake_fd: OwnedFd,
-    /// Set by the ring thread just before it blocks in the kernel; submitters then write the eventfd.
-    sleeping: AtomicBool,
-    stopping: AtomicBool,
+/// Slots for operations the kernel owns; the slot index is the SQE's `user_data`.
+struct InFlight {
+    slots: Vec<Option<Op>>,
+    free: Vec<usize>,
+    count: usize,
 }
 
-impl Shared {
-    fn wake(&self) {
-        let one: u64 = 1;
-        // A failed eventfd write can only mean the counter is saturated, i.e. a wake-up is pending.
-        unsafe { libc::write(self.wake_fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+impl InFlight {
+    fn insert(&mut self, op: Op) -> usize {
+        self.count += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(op);
+                i
+            }
+            None => {
+                self.slots.push(Some(op));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) -> Option<Op> {
+        let op = self.slots.get_mut(i)?.take()?;
+        self.free.push(i);
+        self.count -= 1;
+        Some(op)
     }
 }
 
-/// An io_uring instance with its driving thread. Cheap to share behind an `Arc`.
+struct Ring {
+    ring: IoUring,
+    inflight: InFlight,
+    /// Operations waiting for room in the kernel (more than MAX_IN_FLIGHT submitted at once).
+    backlog: VecDeque<Op>,
+}
+
+impl Ring {
+    /// Moves an operation into the submission queue, or into the backlog when the kernel is full.
+    /// Returns whether an SQE was queued (and so a submit is due).
+    fn enqueue(&mut self, op: Op) -> bool {
+        if self.inflight.count >= MAX_IN_FLIGHT {
+            self.backlog.push_back(op);
+            return false;
+        }
+        let slot = self.inflight.insert(op);
+        let Some(entry) = self.inflight.slots[slot].as_ref().map(|op| op.entry(slot as u64)) else {
+            return false;
+        };
+        // SAFETY: the op (and so its buffer and file) stays in `inflight` until its completion.
+        while unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.submit();
+        }
+        true
+    }
+
+    fn submit(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)) {
+                tracing::error!("io_uring submit failed: {e}");
+            }
+        }
+    }
+
+    /// Takes every completion off the queue, refills from the backlog, and returns the waiters
+    /// to wake (woken by the caller, outside the lock).
+    fn reap(&mut self) -> Vec<(oneshot::Sender<i32>, i32)> {
+        let mut done = Vec::new();
+        for cqe in self.ring.completion() {
+            if let Some(Op { file, kind, done: tx }) = self.inflight.remove(cqe.user_data() as usize) {
+                // Release the buffer before waking the waiter, so it can reclaim sole ownership.
+                drop(kind);
+                drop(file);
+                done.push((tx, cqe.result()));
+            }
+        }
+        let mut queued = false;
+        while self.inflight.count < MAX_IN_FLIGHT {
+            let Some(op) = self.backlog.pop_front() else { break };
+            queued |= self.enqueue(op);
+        }
+        if queued {
+            self.submit();
+        }
+        done
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // The kernel may still write into buffers we own: wait for every operation to finish.
+        while self.inflight.count > 0 {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            drop(self.reap());
+        }
+    }
+}
+
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+struct Shared {
+    /// The ring's descriptor in tokio's reactor: readable while completions wait. Declared before
+    /// `ring` so it is deregistered before the ring closes the descriptor.
+    fd: AsyncFd<RingFd>,
+    ring: Mutex<Ring>,
+    stopping: AtomicBool,
+    stop: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// An io_uring instance served by the current tokio runtime. Cheap to share behind an `Arc`.
 pub struct Engine {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Engine {
+    /// Must be called from within a tokio runtime, which then drives the ring's completions.
     pub fn new() -> io::Result<Arc<Engine>> {
-        let ring = IoUring::builder().setup_clamp().build(RING_ENTRIES)?;
-        // SAFETY: eventfd returns a new descriptor we own, or -1.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let wake_fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| io::Error::other("the io_uring engine needs a tokio runtime"))?;
+        let ring = IoUring::builder().setup_clamp().setup_cqsize(2 * RING_ENTRIES).build(RING_ENTRIES)?;
+        let fd = {
+            let _enter = runtime.enter();
+            // SAFETY: the descriptor belongs to `ring`, which lives in the same `Shared` and is
+            // dropped after this registration (field order).
+            unsafe { AsyncFd::register_with_interest(RingFd(ring.as_raw_fd()), tokio::io::Interest::READABLE) }.map_err(io::Error::from)?
+        };
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Vec::new()),
-            wake_fd,
-            sleeping: AtomicBool::new(false),
+            fd,
+            ring: Mutex::new(Ring { ring, inflight: InFlight { slots: Vec::new(), free: Vec::new(), count: 0 }, backlog: VecDeque::new() }),
             stopping: AtomicBool::new(false),
+            stop: Notify::new(),
         });
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("nbraid-uring".into())
-            .spawn(move || run_ring(ring, thread_shared))?;
-        Ok(Arc::new(Engine { shared, thread: Mutex::new(Some(thread)) }))
+        runtime.spawn(reap_completions(shared.clone()));
+        Ok(Arc::new(Engine { shared }))
     }
 
     fn submit(&self, file: Arc<File>, kind: OpKind) -> oneshot::Receiver<i32> {
         let (done, rx) = oneshot::channel();
-        self.shared.queue.lock().unwrap_or_else(|p| p.into_inner()).push(Op { file, kind, done });
-        if self.shared.sleeping.load(Ordering::SeqCst) {
-            self.shared.wake();
+        let mut ring = self.shared.lock();
+        if ring.enqueue(Op { file, kind, done }) {
+            ring.submit();
         }
         rx
     }
@@ -176,117 +280,37 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        self.shared.wake();
-        if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = thread.join();
-        }
+        self.shared.stop.notify_one();
     }
 }
 
-/// Slots for operations the kernel owns; the slot index is the SQE's `user_data`.
-struct InFlight {
-    slots: Vec<Option<Op>>,
-    free: Vec<usize>,
-    count: usize,
-}
-
-impl InFlight {
-    fn insert(&mut self, op: Op) -> usize {
-        self.count += 1;
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some(op);
-                i
-            }
-            None => {
-                self.slots.push(Some(op));
-                self.slots.len() - 1
-            }
-        }
-    }
-
-    fn remove(&mut self, i: usize) -> Option<Op> {
-        let op = self.slots.get_mut(i)?.take()?;
-        self.free.push(i);
-        self.count -= 1;
-        Some(op)
-    }
-}
-
-fn run_ring(mut ring: IoUring, shared: Arc<Shared>) {
-    let mut inflight = InFlight { slots: Vec::new(), free: Vec::new(), count: 0 };
-    let mut backlog: Vec<Op> = Vec::new();
-    let mut wake_buf = Box::new(0u64);
-    let wake_fd = shared.wake_fd.as_raw_fd();
-    let mut wake_armed = false;
+/// Wakes waiters as completions arrive, until the engine is dropped and nothing is in flight.
+async fn reap_completions(shared: Arc<Shared>) {
     loop {
-        if !wake_armed {
-            wake_armed = push_wake_read(&mut ring, wake_fd, &mut wake_buf);
-        }
-        // Move queued operations into the submission queue, as many as the in-flight bound allows.
-        if backlog.is_empty() {
-            std::mem::swap(&mut backlog, &mut *shared.queue.lock().unwrap_or_else(|p| p.into_inner()));
-            backlog.reverse(); // popped from the back below, so keep submission order
-        }
-        while inflight.count < MAX_IN_FLIGHT {
-            let Some(op) = backlog.pop() else { break };
-            let slot = inflight.insert(op);
-            let entry = inflight.slots[slot].as_ref().map(|op| op.entry(slot as u64));
-            let Some(entry) = entry else { break };
-            // SAFETY: the op (and so its buffer and file) lives in `inflight` until its completion.
-            while unsafe { ring.submission().push(&entry) }.is_err() {
-                if let Err(e) = ring.submit() {
-                    tracing::error!("io_uring submit failed: {e}");
+        tokio::select! {
+            ready = shared.fd.readable() => {
+                let Ok(mut guard) = ready else {
+                    tracing::error!("io_uring descriptor left the reactor; completions stop");
+                    return;
+                };
+                let done = shared.lock().reap();
+                guard.clear_ready();
+                for (tx, res) in done {
+                    let _ = tx.send(res);
                 }
             }
+            _ = shared.stop.notified() => {}
         }
-
-        let stopping = shared.stopping.load(Ordering::SeqCst);
-        let idle = backlog.is_empty() && shared.queue.lock().map(|q| q.is_empty()).unwrap_or(true);
-        if stopping && idle && inflight.count == 0 {
-            return;
-        }
-        let submitted = if idle {
-            // Announce sleep, then re-check the queue so a submitter cannot slip in unnoticed.
-            shared.sleeping.store(true, Ordering::SeqCst);
-            let still_idle = shared.queue.lock().map(|q| q.is_empty()).unwrap_or(true);
-            let r = if still_idle && !stopping { ring.submit_and_wait(1) } else { ring.submit() };
-            shared.sleeping.store(false, Ordering::SeqCst);
-            r
-        } else if inflight.count >= MAX_IN_FLIGHT {
-            ring.submit_and_wait(1)
-        } else {
-            ring.submit()
-        };
-        if let Err(e) = submitted {
-            if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
-                tracing::error!("io_uring_enter failed: {e}");
+        if shared.stopping.load(Ordering::SeqCst) {
+            let mut ring = shared.lock();
+            let idle = ring.inflight.count == 0 && ring.backlog.is_empty();
+            if idle {
+                return;
             }
-        }
-
-        for cqe in ring.completion() {
-            let token = cqe.user_data();
-            if token == WAKE_TOKEN {
-                wake_armed = false;
-                continue;
-            }
-            if let Some(Op { file, kind, done }) = inflight.remove(token as usize) {
-                // Release the buffer before waking the waiter, so it can reclaim sole ownership.
-                drop(kind);
-                drop(file);
-                let _ = done.send(cqe.result());
-            }
+            // Completions still pending: keep reaping until they are in.
+            drop(ring.reap());
         }
     }
-}
-
-/// Keeps one read of the wake eventfd armed in the ring; returns whether it was queued.
-fn push_wake_read(ring: &mut IoUring, fd: RawFd, buf: &mut Box<u64>) -> bool {
-    let entry = opcode::Read::new(types::Fd(fd), (&mut **buf) as *mut u64 as *mut u8, 8)
-        .build()
-        .user_data(WAKE_TOKEN);
-    // SAFETY: the boxed counter outlives the ring thread's loop, which owns it.
-    unsafe { ring.submission().push(&entry) }.is_ok()
 }
 
 #[cfg(test)]

@@ -121,6 +121,9 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
         member_index: 0,
         name: spec.name.clone(),
         slots: vec![SlotState::Active; n as usize],
+        checkpoints: vec![0; n as usize],
+        spare: false,
+        replacement: false,
     };
     for (i, m) in opened.iter().enumerate() {
         let mut sb = template.clone();
