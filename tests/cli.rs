@@ -129,7 +129,7 @@ fn bad_size_strings_are_rejected() {
         }
     }
     // and the good spellings work
-    for good in ["8MiB", "8192KiB"] {
+    for good in ["8MiB", "8192KiB", "8388608"] {
         let d2 = TestDir::new("cli-sizes-ok");
         let m2 = d2.members("m", 3);
         create(&["--level", "raid5", "--size", good, "--chunk", "64KiB"], &m2);

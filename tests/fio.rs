@@ -36,26 +36,33 @@ fn verify_run(tag: &str, args: &[&str], n: usize) {
     assert_eq!(fio_bytes(&v, "write"), 32 * MIB, "fio wrote less than asked");
     assert!(fio_bytes(&v, "read") >= 32 * MIB, "fio verified less than it wrote");
 
-    let v = fio_ctx(&fio_args(
-        &uri,
-        &[
-            "--rw=randwrite",
-            "--bsrange=512-128k",
-            "--iodepth=16",
-            "--offset=32m",
-            "--size=24m",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-        ],
-    ), &|| d.context());
+    let mixed = [
+        "--rw=randwrite",
+        "--bsrange=512-128k",
+        "--iodepth=16",
+        "--offset=32m",
+        "--size=24m",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+    ];
+    let v = fio_ctx(&fio_args(&uri, &mixed), &|| d.context());
     assert_eq!(fio_bytes(&v, "write"), 24 * MIB, "fio (mixed bs) wrote less than asked");
 
     // sequential, large, unaligned-to-stripe blocks across the whole first region, verified
-    let v = fio_ctx(&fio_args(
-        &uri,
-        &["--rw=write", "--bs=96k", "--iodepth=8", "--size=30m", "--verify=crc32c", "--verify_fatal=1"],
-    ), &|| d.context());
+    let seq = ["--rw=write", "--bs=96k", "--iodepth=8", "--size=30m", "--verify=crc32c", "--verify_fatal=1"];
+    let v = fio_ctx(&fio_args(&uri, &seq), &|| d.context());
     assert!(fio_bytes(&v, "write") > 0);
+    d.stop_ok();
+    check_clean(&members);
+
+    // the same data after a restart with the members in another order
+    let d = Daemon::start(&dir, &shuffled(&members, 11));
+    for job in [&mixed[..], &seq[..]] {
+        let mut a = job.to_vec();
+        a.push("--verify_only");
+        let v = fio_ctx(&fio_args(&d.uri(), &a), &|| d.context());
+        assert!(fio_bytes(&v, "read") > 0);
+    }
     d.stop_ok();
     check_clean(&members);
 }

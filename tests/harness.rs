@@ -117,3 +117,16 @@ fn mount_stack_works_and_tears_down_on_panic() {
     assert!(!is_mounted(&dir.join("fuse-b")), "nbdfuse mount left behind");
     assert_eq!(loops_for(&fuse_file), "", "loop device left behind");
 }
+
+#[test]
+fn daemon_guard_reports_an_early_exit_with_its_stderr() {
+    let dir = TestDir::new("h-early");
+    let missing = dir.join("no-such-member");
+    let r = std::panic::catch_unwind(|| {
+        let _d = Daemon::start(&dir, &[missing.clone()]);
+    });
+    let err = r.expect_err("Daemon::start on a missing member should fail the test");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("exited early"), "unexpected panic message: {msg}");
+    assert!(msg.contains("no-such-member"), "the daemon's stderr is not in the message: {msg}");
+}
