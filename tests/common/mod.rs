@@ -8,6 +8,8 @@
 //! Teardown is by Drop guards, so it also happens when an assertion fails half-way.
 #![allow(dead_code)]
 
+pub mod nbd;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
