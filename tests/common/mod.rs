@@ -309,6 +309,11 @@ impl Daemon {
         }
     }
 
+    /// Send `sig` (e.g. SIGINT) and wait; None if it had to be killed.
+    pub fn signal_and_wait(mut self, sig: libc::c_int) -> Option<ExitStatus> {
+        self.terminate(sig)
+    }
+
     /// SIGTERM, and the exit status must be 0.
     pub fn stop_ok(self) {
         let log = self.log.clone();
