@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod nbd;
+pub mod admin;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
