@@ -13,15 +13,27 @@ pub use crate::volume::status::{RebuildStatus, SlotStatus, VolumeState, VolumeSt
 pub enum Request {
     Status,
     /// Administratively fail a member.
-    Fail { member: String },
+    Fail {
+        member: String,
+    },
     /// Add a member: fills a failed slot (and rebuilds it) or waits as a hot spare.
-    Add { path: PathBuf },
+    Add {
+        path: PathBuf,
+    },
     /// Rebuild `new` while `old` keeps serving, then retire `old`.
-    Replace { old: String, new: PathBuf },
+    Replace {
+        old: String,
+        new: PathBuf,
+    },
     /// Throttle rebuilds; `None` (or 0) means unlimited.
-    Rebuild { max_rate: Option<u64> },
+    Rebuild {
+        max_rate: Option<u64>,
+    },
     /// Test hook: inject faults into a member's I/O (refused unless the daemon allows it).
-    Fault { member: String, fault: FaultSpec },
+    Fault {
+        member: String,
+        fault: FaultSpec,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -212,3 +212,29 @@ async fn rebuild_resumes_after_restart_and_replace_keeps_redundancy() {
     assert!(vol.status().slots[0].path.as_deref().is_some_and(|p| p.ends_with("new1")));
     assert_matches(&vol, &model, "after replace").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raid0_member_loss_fails_only_what_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new().unwrap();
+    let spec = spec(dir.path(), Level::Raid0, 4, None);
+    create(&spec, &engine).await.unwrap();
+    let model = Mutex::new(vec![0u8; 0]);
+    {
+        let vol = assemble(&spec.members, &engine, Access::Exclusive).await.unwrap();
+        *model.lock().unwrap() = vec![0u8; vol.size() as usize];
+        scribble(&vol, &model, 9, 40).await;
+        vol.inject_faults("2", errors()).unwrap();
+        // Stripe 0: chunk 0 on member 0 is fine, chunk 2 on member 2 is lost.
+        let on_member0 = vol.read(0, CHUNK as usize).await.unwrap();
+        assert!(on_member0[..] == model.lock().unwrap()[..CHUNK as usize]);
+        assert!(matches!(vol.read(2 * CHUNK, 4096).await, Err(VolumeError::Unavailable { .. })));
+        vol.write(CHUNK, AlignedBuf::from_slice(&[7u8; 4096]), false).await.unwrap();
+        model.lock().unwrap()[CHUNK as usize..CHUNK as usize + 4096].fill(7);
+        assert!(vol.write(2 * CHUNK, AlignedBuf::from_slice(&[7u8; 4096]), false).await.is_err());
+        assert_eq!(vol.status().state, VolumeState::Failed);
+    }
+    let vol = assemble(&spec.members, &engine, Access::Exclusive).await.unwrap();
+    assert_eq!(vol.status().state, VolumeState::Optimal);
+    assert_matches(&vol, &model, "raid0 after the member came back").await;
+}

@@ -9,6 +9,8 @@ mod assemble;
 mod check;
 mod create;
 mod failure;
+#[cfg(test)]
+mod failure_tests;
 mod health;
 mod io;
 mod locks;
@@ -16,8 +18,6 @@ mod rebuild;
 pub mod status;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod failure_tests;
 
 pub use admin::AdminError;
 pub use assemble::{assemble, AssembleError};

@@ -61,4 +61,3 @@ pub struct RebuildStatus {
     pub rate: f64,
     pub eta_seconds: Option<f64>,
 }
-
