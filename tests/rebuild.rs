@@ -17,18 +17,9 @@ fn same_path(a: &str, b: &Path) -> bool {
     canon(Path::new(a)) == canon(b)
 }
 
-const REGION_A: [&str; 7] =
-    ["--rw=randwrite", "--bsrange=4k-64k", "--offset=0", "--size=16m", "--iodepth=16", "--verify=crc32c", "--verify_fatal=1"];
-const REGION_B: [&str; 8] = [
-    "--rw=randwrite",
-    "--bsrange=4k-128k",
-    "--offset=16m",
-    "--size=24m",
-    "--iodepth=16",
-    "--verify=crc32c",
-    "--verify_fatal=1",
-    "--verify_backlog=64",
-];
+const REGION_A: [&str; 7] = ["--rw=randwrite", "--bsrange=4k-64k", "--offset=0", "--size=16m", "--iodepth=16", "--verify=crc32c", "--verify_fatal=1"];
+const REGION_B: [&str; 8] =
+    ["--rw=randwrite", "--bsrange=4k-128k", "--offset=16m", "--size=24m", "--iodepth=16", "--verify=crc32c", "--verify_fatal=1", "--verify_backlog=64"];
 
 /// Scenario 5: raid5 ×4, throttled `replace 0 NEW` under fio; slot 2 fails mid-replace; the
 /// old slot-0 member keeps serving, so nothing is lost; afterwards slot 0 is NEW.
@@ -62,10 +53,7 @@ fn raid5_replace_under_load_survives_another_failure() {
     assert_eq!(st[2], "failed", "slot 2 should have failed under fio: {v:#}");
     assert_eq!(st[1], "active");
     assert_eq!(st[3], "active");
-    assert!(
-        st[0] == "replacing" || (st[0] == "active" && same_path(&slot_paths(&v)[0], &new)),
-        "slot 0 should still be replacing (or done): {v:#}"
-    );
+    assert!(st[0] == "replacing" || (st[0] == "active" && same_path(&slot_paths(&v)[0], &new)), "slot 0 should still be replacing (or done): {v:#}");
     fio_ctx(&verify_only(&fio_nbd(&uri, &REGION_A)), &|| d.context());
 
     // let the copy finish
