@@ -157,9 +157,10 @@ pub fn volume_to(uri: &str, out: &Path) {
 // ------------------------------------------------------------------------------------------
 // fio
 
-/// `--name=v --ioengine=nbd --uri=URI EXTRA...`
+/// `--name=v --ioengine=nbd --uri=URI --verify_state_save=0 EXTRA...` (no verify state file
+/// is left in the working directory).
 pub fn fio_nbd(uri: &str, extra: &[&str]) -> Vec<String> {
-    let mut v = vec!["--name=v".to_string(), "--ioengine=nbd".into(), format!("--uri={uri}")];
+    let mut v = vec!["--name=v".to_string(), "--ioengine=nbd".into(), format!("--uri={uri}"), "--verify_state_save=0".into()];
     v.extend(extra.iter().map(|s| s.to_string()));
     v
 }
