@@ -105,6 +105,7 @@ impl Admin for VolumeAdmin {
             Request::Add { path } => answer(v.add(&path).await),
             Request::Replace { old, new } => answer(v.replace(&old, &new).await),
             Request::Rebuild { max_rate } => Response::ok(v.set_max_rebuild_rate(max_rate)),
+            Request::Scrub { repair, max_rate } => answer(v.start_scrub(repair, max_rate)),
             Request::Fault { member, fault } => {
                 if !self.allow_faults {
                     return Response::refused("fault injection is off; start the daemon with --allow-fault-injection");

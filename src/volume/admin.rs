@@ -99,6 +99,7 @@ impl Volume {
             spares: h.spares.iter().map(|m| m.path().display().to_string()).collect(),
             rebuilds,
             max_rebuild_rate: self.rebuild.max_rate(),
+            scrub: self.scrub_status(),
         }
     }
 

@@ -179,6 +179,7 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         progress: Progress::new(reference.checkpoints.iter().copied()),
         meta: tokio::sync::Mutex::new(reference),
         rebuild: Default::default(),
+        scrub: Default::default(),
         engine: engine.clone(),
     };
     Ok((volume, changed))
