@@ -237,7 +237,11 @@ fn raid5_two_failures_fail_requests_but_not_the_data() {
     // a read across all members must fail
     let o = qemu_io_raw(&uri, &["read 0 16M".to_string()]);
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)).to_lowercase();
-    assert!(!o.status.success() || text.contains("error") || text.contains("failed"), "qemu-io read with two raid5 members failing should report an error\n{}", show(&o));
+    assert!(
+        !o.status.success() || text.contains("error") || text.contains("failed"),
+        "qemu-io read with two raid5 members failing should report an error\n{}",
+        show(&o)
+    );
     let v = status(&ctl);
     assert_eq!(vol_state(&v), "failed", "status after two members failed: {v:#}");
 
@@ -247,11 +251,7 @@ fn raid5_two_failures_fail_requests_but_not_the_data() {
     let cmds: Vec<String> = writes.iter().map(|(off, len)| format!("write -P 0xee {off} {len}")).collect();
     let o = qemu_io_raw(&uri, &cmds);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
-    let acked: Vec<u64> = out
-        .lines()
-        .filter(|l| l.starts_with("wrote "))
-        .filter_map(|l| l.rsplit("at offset ").next()?.trim().parse().ok())
-        .collect();
+    let acked: Vec<u64> = out.lines().filter(|l| l.starts_with("wrote ")).filter_map(|l| l.rsplit("at offset ").next()?.trim().parse().ok()).collect();
     eprintln!("writes acknowledged while failed: {} of {}", acked.len(), writes.len());
     assert!(acked.len() < writes.len(), "every write succeeded on a raid5 with two members failing\n{}", show(&o));
     let mut undefined: Vec<(u64, u64)> = vec![];

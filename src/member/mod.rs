@@ -156,6 +156,11 @@ impl Member {
         *self.uuid.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Gives the member a new identity, written with its next superblock (a disk joining a volume).
+    pub fn assign_uuid(&self, uuid: [u8; 16]) {
+        *self.uuid.lock().unwrap_or_else(|p| p.into_inner()) = uuid;
+    }
+
     fn remember_uuid(&self, sb: &Superblock) {
         *self.uuid.lock().unwrap_or_else(|p| p.into_inner()) = sb.member_uuid;
     }
@@ -338,6 +343,8 @@ mod tests {
             name: "t".into(),
             slots: vec![SlotState::Active; 2],
             checkpoints: vec![0; 2],
+            slot_ids: vec![0; 2],
+            replacement_ids: vec![0; 2],
             spare: false,
             replacement: false,
         }

@@ -2,10 +2,10 @@
 
 use crate::buf::AlignedBuf;
 use crate::layout::{Geometry, LayoutError, Level};
-use crate::meta::bitmap;
-use crate::uring::BufRange;
 use crate::member::{Access, Member, MemberError};
-use crate::meta::superblock::{random_uuid, uuid_string, SlotState, Superblock, SuperblockError, MAX_NAME_LEN, METADATA_RESERVED};
+use crate::meta::bitmap;
+use crate::meta::superblock::{member_id, random_uuid, uuid_string, SlotState, Superblock, SuperblockError, MAX_NAME_LEN, METADATA_RESERVED};
+use crate::uring::BufRange;
 use crate::uring::Engine;
 use futures::future::join_all;
 use std::fs::OpenOptions;
@@ -123,6 +123,8 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
         name: spec.name.clone(),
         slots: vec![SlotState::Active; n as usize],
         checkpoints: vec![0; n as usize],
+        slot_ids: vec![0; n as usize],
+        replacement_ids: vec![0; n as usize],
         spare: false,
         replacement: false,
     };
@@ -134,10 +136,15 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
     for m in &opened {
         m.write_at(bitmap::BITMAP_OFFSET, BufRange::whole(area.clone())).await?;
     }
-    for (i, m) in opened.iter().enumerate() {
+    let mut uuids = Vec::with_capacity(opened.len());
+    for m in &opened {
+        uuids.push(random_uuid().map_err(|source| CreateError::Prepare { path: m.path().to_path_buf(), action: "random UUID", source })?);
+    }
+    template.slot_ids = uuids.iter().map(member_id).collect();
+    for (i, (m, uuid)) in opened.iter().zip(&uuids).enumerate() {
         let mut sb = template.clone();
         sb.member_index = i as u32;
-        sb.member_uuid = random_uuid().map_err(|source| CreateError::Prepare { path: m.path().to_path_buf(), action: "random UUID", source })?;
+        sb.member_uuid = *uuid;
         m.write_superblock_both(&sb).await?;
     }
     template.member_index = 0;

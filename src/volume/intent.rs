@@ -179,14 +179,7 @@ impl Intent {
 
     pub fn status(&self, region_bytes: u64) -> IntentStatus {
         let (resync_regions, resync_repaired, resync_skipped) = *self.resync.lock().unwrap_or_else(|p| p.into_inner());
-        IntentStatus {
-            region_bytes,
-            regions: self.regions,
-            dirty_regions: self.dirty_count(),
-            resync_regions,
-            resync_repaired,
-            resync_skipped,
-        }
+        IntentStatus { region_bytes, regions: self.regions, dirty_regions: self.dirty_count(), resync_regions, resync_repaired, resync_skipped }
     }
 }
 

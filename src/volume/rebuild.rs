@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Bytes of each member handled per batch (and per stripe-lock hold).
-const BATCH_BYTES: u64 = 1 << 20;
+const BATCH_BYTES: u64 = 8 << 20;
 /// How often the checkpoint is written to the superblocks.
 const PERSIST_EVERY: Duration = Duration::from_secs(2);
 
