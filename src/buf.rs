@@ -58,6 +58,13 @@ impl AlignedBuf {
         self.len = self.len.min(len);
     }
 
+    /// Changes the visible length within the capacity. Bytes that become visible hold whatever
+    /// the buffer held before (zeros, or earlier contents): callers overwrite them.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.cap, "set_len {len} beyond capacity {}", self.cap);
+        self.len = len;
+    }
+
     /// Raw pointer for handing a region to the kernel. Writing through it while any `&[u8]` to the
     /// same bytes is alive is undefined behaviour; the I/O layer guarantees exclusive regions.
     pub fn as_ptr_mut_shared(&self) -> *mut u8 {
@@ -94,6 +101,29 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// Buffers kept for reuse by a long-running loop (rebuild, scrub), so that it does not map and
+/// fault in fresh memory for every batch.
+#[derive(Default)]
+pub struct BufPool(Vec<AlignedBuf>);
+
+impl BufPool {
+    /// A buffer of `len` bytes with unspecified contents.
+    pub fn take(&mut self, len: usize) -> AlignedBuf {
+        match self.0.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = self.0.swap_remove(i);
+                b.set_len(len);
+                b
+            }
+            None => AlignedBuf::zeroed(len),
+        }
+    }
+
+    pub fn give(&mut self, buf: AlignedBuf) {
+        self.0.push(buf);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +137,17 @@ mod tests {
             assert!(b.capacity() >= len && b.capacity().is_multiple_of(ALIGN));
             assert!(b.iter().all(|&x| x == 0));
         }
+    }
+
+    #[test]
+    fn pool_reuses_allocations() {
+        let mut pool = BufPool::default();
+        let a = pool.take(8192);
+        let ptr = a.as_ptr();
+        pool.give(a);
+        let b = pool.take(4096);
+        assert_eq!((b.as_ptr(), b.len()), (ptr, 4096));
+        assert_eq!(pool.take(4096).len(), 4096); // pool empty: a fresh one
     }
 
     #[test]

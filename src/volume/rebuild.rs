@@ -11,7 +11,7 @@
 use super::health::Health;
 use super::io::{faults_of, member_read, member_write, reclaim, Fault};
 use super::{Volume, VolumeError};
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, BufPool};
 use crate::layout::Level;
 use crate::member::Member;
 use crate::meta::SlotState;
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Bytes of each member handled per batch (and per stripe-lock hold).
-const BATCH_BYTES: u64 = 8 << 20;
+const BATCH_BYTES: u64 = 4 << 20;
 /// How often the checkpoint is written to the superblocks.
 const PERSIST_EVERY: Duration = Duration::from_secs(2);
 
@@ -158,6 +158,7 @@ impl Volume {
         let batch_stripes = (BATCH_BYTES / self.geometry.chunk).max(1);
         self.rebuild.start_run(slot, self.progress.get(slot));
         let mut pacer = Pacer { next: Instant::now() };
+        let mut pool = BufPool::default();
         let mut persisted = Instant::now();
         let outcome = loop {
             if self.rebuild.stopping.load(Ordering::SeqCst) {
@@ -177,7 +178,7 @@ impl Volume {
             if !Arc::ptr_eq(&now_target, &target) || self.progress.get(slot) != done {
                 continue;
             }
-            match self.rebuild_batch(&h, slot, &target, source, done, batch).await {
+            match self.rebuild_batch(&h, slot, &target, source, (done, batch), &mut pool).await {
                 Ok(()) => self.progress.set(slot, done + batch),
                 Err(BatchError::Faults(faults)) => {
                     drop(guards);
@@ -210,24 +211,40 @@ impl Volume {
         }
     }
 
-    async fn rebuild_batch(&self, h: &Health, slot: usize, target: &Arc<Member>, source: Source, first: u64, batch: u64) -> Result<(), BatchError> {
-        let chunk = self.geometry.chunk;
-        let len = batch * chunk;
+    async fn rebuild_batch(
+        &self,
+        h: &Health,
+        slot: usize,
+        target: &Arc<Member>,
+        source: Source,
+        batch: (u64, u64),
+        pool: &mut BufPool,
+    ) -> Result<(), BatchError> {
+        let (first, count) = batch;
+        let len = count * self.geometry.chunk;
         let pos = self.member_pos(first, 0);
         let data = match source {
             Source::Copy(old) => {
-                let buf = Arc::new(AlignedBuf::zeroed(len as usize));
-                member_read(&old, pos, &buf, 0, len).await.map_err(|f| BatchError::Faults(vec![f]))?;
+                let buf = Arc::new(pool.take(len as usize));
+                let read = member_read(&old, pos, &buf, 0, len).await;
+                let buf = reclaim(buf)?;
+                if let Err(f) = read {
+                    pool.give(buf);
+                    return Err(BatchError::Faults(vec![f]));
+                }
                 buf
             }
-            Source::Redundancy => Arc::new(self.reconstruct_batch(h, slot, first, batch).await?),
+            Source::Redundancy => self.reconstruct_batch(h, slot, first, count, pool).await?,
         };
-        member_write(target, pos, &data, 0, len).await.map_err(|f| BatchError::Faults(vec![f]))
+        let data = Arc::new(data);
+        let written = member_write(target, pos, &data, 0, len).await;
+        pool.give(reclaim(data)?);
+        written.map_err(|f| BatchError::Faults(vec![f]))
     }
 
     /// Computes `slot`'s chunks of stripes [first, first + batch) from k other members, reading
     /// each source member's whole region in one I/O.
-    async fn reconstruct_batch(&self, h: &Health, slot: usize, first: u64, batch: u64) -> Result<AlignedBuf, BatchError> {
+    async fn reconstruct_batch(&self, h: &Health, slot: usize, first: u64, batch: u64, pool: &mut BufPool) -> Result<AlignedBuf, BatchError> {
         let g = self.geometry;
         let chunk = g.chunk as usize;
         let last = first + batch - 1;
@@ -244,17 +261,20 @@ impl Volume {
         }
         let len = batch * g.chunk;
         let pos = self.member_pos(first, 0);
-        let bufs: Vec<Arc<AlignedBuf>> = sources.iter().map(|_| Arc::new(AlignedBuf::zeroed(len as usize))).collect();
+        let bufs: Vec<Arc<AlignedBuf>> = sources.iter().map(|_| Arc::new(pool.take(len as usize))).collect();
         let faults = faults_of(sources.iter().zip(&bufs).map(|((_, m), b)| member_read(m, pos, b, 0, len))).await;
+        let mut bufs: Vec<AlignedBuf> = bufs.into_iter().map(reclaim).collect::<Result<_, _>>()?;
         if !faults.is_empty() {
+            bufs.into_iter().for_each(|b| pool.give(b));
             return Err(BatchError::Faults(faults));
         }
-        let mut bufs: Vec<AlignedBuf> = bufs.into_iter().map(reclaim).collect::<Result<_, _>>()?;
         if g.level == Level::Raid1 {
-            return Ok(bufs.swap_remove(0));
+            let copy = bufs.swap_remove(0);
+            bufs.into_iter().for_each(|b| pool.give(b));
+            return Ok(copy);
         }
-        let mut out = AlignedBuf::zeroed(len as usize);
-        let mut scratch: Vec<AlignedBuf> = (0..n - k - 1).map(|_| AlignedBuf::zeroed(chunk)).collect();
+        let mut out = pool.take(len as usize);
+        let mut scratch: Vec<AlignedBuf> = (0..n - k - 1).map(|_| pool.take(chunk)).collect();
         for s in first..=last {
             let at = (s - first) as usize * chunk;
             let mut shards: Vec<Option<&mut [u8]>> = (0..n).map(|_| None).collect();
@@ -272,6 +292,7 @@ impl Volume {
             let mut slices: Vec<&mut [u8]> = shards.into_iter().map(|s| s.ok_or(VolumeError::Internal("rebuild shard missing"))).collect::<Result<_, _>>()?;
             self.codec.reconstruct(&mut slices, &present).map_err(|e| VolumeError::Codec(e.to_string()))?;
         }
+        bufs.into_iter().chain(scratch).for_each(|b| pool.give(b));
         Ok(out)
     }
 
