@@ -238,6 +238,10 @@ impl Member {
             Some(e) => Err(e),
             None => self.engine.fsync(self.file.clone(), true).await,
         };
+        // A flush that fails means written data may be lost: it counts as a write error.
+        if result.is_err() {
+            self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+        }
         result.map_err(|source| MemberError::Io { path: self.path.clone(), op: "fdatasync", offset: 0, len: 0, source })
     }
 
