@@ -1,5 +1,6 @@
 //! The command line: `create`, `serve`, `check`.
 
+mod admin;
 mod serve;
 pub mod size;
 
@@ -27,6 +28,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Offline check that parity and mirrors agree with the data, stripe by stripe.
     Check(CheckArgs),
+    #[command(flatten)]
+    Admin(admin::AdminCommand),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -93,6 +96,7 @@ pub fn main() -> i32 {
             Command::Create(args) => create(args).await,
             Command::Serve(args) => serve::run(args).await,
             Command::Check(args) => check(args).await,
+            Command::Admin(cmd) => admin::run(cmd).await,
         }
     });
     match result {

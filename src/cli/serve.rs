@@ -3,6 +3,9 @@
 
 use super::size::format_size;
 use crate::buf::AlignedBuf;
+use crate::control::api::{Admin, Request, Response};
+use crate::control::server::ControlServer;
+use crate::member::FaultPlan;
 use crate::layout::Level;
 use crate::member::Access;
 use crate::meta::superblock::uuid_string;
@@ -24,6 +27,12 @@ pub struct ServeArgs {
     /// Where to accept NBD clients: unix:PATH or tcp:HOST:PORT (repeatable). Default tcp:127.0.0.1:10809.
     #[arg(long)]
     listen: Vec<ListenAddr>,
+    /// Admin socket for `nbraid status`, `fail`, `add`, `replace`, `rebuild`.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Accept `nbraid fault` requests on the control socket (tests only).
+    #[arg(long, hide = true)]
+    allow_fault_injection: bool,
     /// The volume's member files or devices, in any order. None at all: the demo volume.
     members: Vec<PathBuf>,
 }
@@ -74,9 +83,47 @@ impl BlockDevice for VolumeDevice {
     }
 }
 
+/// The volume as the control socket sees it.
+struct VolumeAdmin {
+    volume: Arc<Volume>,
+    allow_faults: bool,
+}
+
+fn answer(result: Result<String, volume::AdminError>) -> Response {
+    match result {
+        Ok(msg) => Response::ok(msg),
+        Err(e) => Response::refused(e.to_string()),
+    }
+}
+
+impl Admin for VolumeAdmin {
+    async fn handle(&self, request: Request) -> Response {
+        let v = &self.volume;
+        match request {
+            Request::Status => Response { ok: true, message: String::new(), status: Some(v.status()) },
+            Request::Fail { member } => answer(v.fail(&member).await),
+            Request::Add { path } => answer(v.add(&path).await),
+            Request::Replace { old, new } => answer(v.replace(&old, &new).await),
+            Request::Rebuild { max_rate } => Response::ok(v.set_max_rebuild_rate(max_rate)),
+            Request::Fault { member, fault } => {
+                if !self.allow_faults {
+                    return Response::refused("fault injection is off; start the daemon with --allow-fault-injection");
+                }
+                let plan = FaultPlan {
+                    read_errors: fault.read_errors,
+                    write_errors: fault.write_errors,
+                    after_ops: fault.after_ops,
+                    delay: std::time::Duration::from_millis(fault.delay_ms),
+                };
+                answer(v.inject_faults(&member, plan))
+            }
+        }
+    }
+}
+
 pub async fn run(args: ServeArgs) -> Result<i32, String> {
     let engine = Engine::new().map_err(|e| format!("cannot set up io_uring: {e}"))?;
-    let demo = args.members.is_empty() && args.listen.is_empty();
+    let demo = args.members.is_empty() && args.listen.is_empty() && args.control.is_none();
     let members = if demo { demo_members(&engine).await? } else { args.members };
     if members.is_empty() {
         return Err("no members given (run `nbraid serve` with no arguments at all for the demo volume)".into());
@@ -96,16 +143,47 @@ pub async fn run(args: ServeArgs) -> Result<i32, String> {
         format_size(g.chunk),
         format_size(volume.size())
     );
-    for (slot, m) in volume.members().iter().enumerate() {
-        tracing::info!("  slot {slot}: {} ({})", m.path().display(), if m.is_direct() { "O_DIRECT" } else { "buffered" });
+    for (slot, m) in volume.member_paths().iter().enumerate() {
+        match m {
+            Some((path, direct)) => tracing::info!("  slot {slot}: {} ({})", path.display(), if *direct { "O_DIRECT" } else { "buffered" }),
+            None => tracing::warn!("  slot {slot}: lost (serving degraded)"),
+        }
     }
     if demo {
         print_demo_help(volume.name(), &listen);
     }
 
+    let control = match &args.control {
+        Some(path) => Some(ControlServer::bind(path).await.map_err(|e| format!("control socket {}: {e}", path.display()))?),
+        None => None,
+    };
     let config = ServerConfig::new(volume.name().to_string());
     let device = Arc::new(VolumeDevice(volume.clone()));
-    nbd::serve(device, config, listen, shutdown_signal()).await.map_err(|e| format!("NBD server failed: {e}"))?;
+    let server = nbd::Server::bind(device, config, &listen).await.map_err(|e| format!("cannot listen: {e}"))?;
+    volume.start_background();
+
+    // One signal stops both servers.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|&stop| stop).await;
+        }
+    };
+    let control_task = control.map(|c| {
+        let admin = Arc::new(VolumeAdmin { volume: volume.clone(), allow_faults: args.allow_fault_injection });
+        tokio::spawn(c.run(admin, stopped()))
+    });
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let served = server.run(stopped()).await;
+    if let Some(task) = control_task {
+        let _ = task.await;
+    }
+    served.map_err(|e| format!("NBD server failed: {e}"))?;
+    volume.shutdown().await;
     volume.flush().await.map_err(|e| format!("final flush failed: {e}"))?;
     tracing::info!("all members flushed; exiting");
     Ok(0)

@@ -2,3 +2,11 @@
 //! [`api::Request`]s. Knows nothing of member I/O.
 
 pub mod api;
+pub mod client;
+pub mod server;
+
+pub use client::{call, Client, ClientError};
+pub use server::{serve_control, ControlServer};
+
+#[cfg(test)]
+pub(crate) mod tests;

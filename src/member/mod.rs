@@ -55,6 +55,8 @@ pub struct Member {
     identity: Identity,
     stats: Counters,
     faults: Faults,
+    /// This disk's own identity from its superblock, kept when the volume rewrites it.
+    uuid: std::sync::Mutex<[u8; 16]>,
 }
 
 #[derive(Default)]
@@ -108,6 +110,7 @@ impl Member {
             identity,
             stats: Counters::default(),
             faults: Faults::default(),
+            uuid: std::sync::Mutex::new([0; 16]),
         };
         if direct {
             // Some filesystems accept O_DIRECT at open and refuse it at I/O time.
@@ -146,6 +149,15 @@ impl Member {
 
     pub fn identity(&self) -> Identity {
         self.identity
+    }
+
+    /// The member UUID last read from or written to this member's superblock.
+    pub fn uuid(&self) -> [u8; 16] {
+        *self.uuid.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember_uuid(&self, sb: &Superblock) {
+        *self.uuid.lock().unwrap_or_else(|p| p.into_inner()) = sb.member_uuid;
     }
 
     pub fn stats(&self) -> MemberStats {
@@ -242,13 +254,24 @@ impl Member {
         let buf = Arc::new(AlignedBuf::zeroed(2 * SUPERBLOCK_SIZE));
         self.read_at(0, BufRange::whole(buf.clone())).await?;
         let (a, b) = buf.split_at(SUPERBLOCK_SIZE);
-        Superblock::newest([a, b]).map_err(|source| MemberError::Superblock { path: self.path.clone(), source })
+        let sb = Superblock::newest([a, b]).map_err(|source| MemberError::Superblock { path: self.path.clone(), source })?;
+        self.remember_uuid(&sb);
+        Ok(sb)
     }
 
     /// Writes the copy of the superblock its event counter selects, then syncs it.
     pub async fn write_superblock(&self, sb: &Superblock) -> Result<(), MemberError> {
         let buf = Arc::new(AlignedBuf::from_slice(&sb.encode()));
         self.write_at(SUPERBLOCK_OFFSETS[sb.copy_index()], BufRange::whole(buf)).await?;
+        self.sync().await?;
+        self.remember_uuid(sb);
+        Ok(())
+    }
+
+    /// Zeroes both superblock copies, so the disk is no longer a member of anything.
+    pub async fn wipe_superblocks(&self) -> Result<(), MemberError> {
+        let buf = Arc::new(AlignedBuf::zeroed(2 * SUPERBLOCK_SIZE));
+        self.write_at(0, BufRange::whole(buf)).await?;
         self.sync().await
     }
 
@@ -259,7 +282,9 @@ impl Member {
         bytes[..SUPERBLOCK_SIZE].copy_from_slice(&enc);
         bytes[SUPERBLOCK_SIZE..].copy_from_slice(&enc);
         self.write_at(0, BufRange::whole(Arc::new(bytes))).await?;
-        self.sync().await
+        self.sync().await?;
+        self.remember_uuid(sb);
+        Ok(())
     }
 }
 

@@ -13,6 +13,10 @@
 //!
 //! Teardown falls out of channel ownership: the reader and each request task hold a sender, so
 //! the writer ends exactly when the reader has stopped and every request has produced its reply.
+//! On server shutdown, requests already read are executed and answered, later ones get
+//! `ESHUTDOWN`, and the connection closes once nothing is in flight; if the client stops reading,
+//! the writer is aborted after the grace period. Request tasks also hold the server's `alive`
+//! handle, so `serve` never returns while a device operation is still running.
 
 use super::device::{BlockDevice, DeviceError};
 use super::handshake::{self, ExportInfo, Outcome};
@@ -23,6 +27,7 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
@@ -47,7 +52,11 @@ pub(crate) struct ConnContext<D> {
     pub max_in_flight_bytes: u32,
     /// Becomes `true` once the server is shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// See `ServerConfig::shutdown_grace`.
+    pub shutdown_grace: Duration,
     pub counters: Arc<Counters>,
+    /// Held for as long as anything of this connection runs; the server waits for all clones.
+    pub alive: mpsc::Sender<()>,
 }
 
 // Manual impl: `derive` would demand `D: Clone`, but only the `Arc` is cloned.
@@ -59,7 +68,9 @@ impl<D> Clone for ConnContext<D> {
             max_in_flight: self.max_in_flight,
             max_in_flight_bytes: self.max_in_flight_bytes,
             shutdown: self.shutdown.clone(),
+            shutdown_grace: self.shutdown_grace,
             counters: self.counters.clone(),
+            alive: self.alive.clone(),
         }
     }
 }
@@ -137,16 +148,35 @@ where
 
     let (rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Reply>(ctx.max_in_flight as usize + 16);
-    let writer = tokio::spawn(write_replies(wr, rx, peer.clone()));
-    let reason = read_requests(BufReader::with_capacity(READ_BUF, rd), tx, &ctx, session).await;
+    let mut writer = tokio::spawn(write_replies(wr, rx, peer.clone()));
+    let deadline = {
+        let mut shutdown = ctx.shutdown.clone();
+        let grace = ctx.shutdown_grace;
+        async move {
+            shutdown_signalled(&mut shutdown).await;
+            tokio::time::sleep(grace).await;
+        }
+    };
+    tokio::pin!(deadline);
+    let reader = read_requests(BufReader::with_capacity(READ_BUF, rd), tx, &ctx, session);
+    let reason = tokio::select! {
+        r = reader => r,
+        _ = &mut deadline => Ok("shutdown grace period expired"),
+    };
     match &reason {
         Ok(why) => debug!(%peer, "connection ending: {why}"),
         Err(e) if is_disconnect(e) => debug!(%peer, "client hung up: {e}"),
         Err(e) => warn!(%peer, "closing connection: {e}"),
     }
-    // The writer finishes once every in-flight request has sent its reply.
-    if let Err(e) = writer.await {
-        warn!(%peer, "reply writer task failed: {e}");
+    // The writer finishes once every in-flight request has sent its reply, unless the client
+    // stops reading past the shutdown deadline. Aborting it drops the queue, which fails the
+    // pending sends of request tasks; they still finish their device operations first.
+    tokio::select! {
+        r = &mut writer => if let Err(e) = r { warn!(%peer, "reply writer task failed: {e}"); },
+        _ = &mut deadline => {
+            warn!(%peer, "client not reading replies after shutdown; closing connection");
+            writer.abort();
+        }
     }
     debug!(%peer, "connection closed");
 }
@@ -282,7 +312,9 @@ where
 
         let device = ctx.device.clone();
         let tx = tx.clone();
+        let alive = ctx.alive.clone();
         tokio::spawn(async move {
+            let _alive = alive;
             let result = AssertUnwindSafe(execute(&*device, &req, payload))
                 .catch_unwind()
                 .await

@@ -102,6 +102,10 @@ pub struct ServerConfig {
     /// Payload bytes (READ and WRITE lengths) in flight at once per connection, replies not yet
     /// written included; bounds memory a client can pin. A single larger request still runs.
     pub max_in_flight_bytes: usize,
+    /// After shutdown, how long a connection may take to deliver its remaining replies before it
+    /// is closed regardless (a client that stops reading would otherwise stall shutdown forever).
+    /// Device operations already started always run to completion.
+    pub shutdown_grace: Duration,
 }
 
 impl ServerConfig {
@@ -120,6 +124,7 @@ impl Default for ServerConfig {
             description: String::new(),
             max_in_flight: 256,
             max_in_flight_bytes: 256 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -253,8 +258,9 @@ impl<D: BlockDevice> Server<D> {
         });
         let counters = Arc::new(Counters::default());
         let (stop_tx, stop_rx) = watch::channel(false);
-        // Every accept loop and connection task holds a clone of `alive`; when the last clone is
-        // dropped, `all_done` yields None and everything has finished.
+        // Every accept loop, connection task and request task holds a clone of `alive` (inside
+        // its context); when the last is dropped, `all_done` yields None: nothing is running, in
+        // particular no device operation, so the caller may flush the device.
         let (alive, mut all_done) = mpsc::channel::<()>(1);
 
         let base_ctx = ConnContext {
@@ -263,12 +269,13 @@ impl<D: BlockDevice> Server<D> {
             max_in_flight: config.max_in_flight.clamp(1, u32::MAX as usize) as u32,
             max_in_flight_bytes: config.max_in_flight_bytes.clamp(1, u32::MAX as usize) as u32,
             shutdown: stop_rx.clone(),
+            shutdown_grace: config.shutdown_grace,
             counters: counters.clone(),
+            alive,
         };
 
         for listener in listeners {
             let mut stop = stop_rx.clone();
-            let alive = alive.clone();
             let base_ctx = base_ctx.clone();
             tokio::spawn(async move {
                 match &listener {
@@ -290,14 +297,12 @@ impl<D: BlockDevice> Server<D> {
                             let peer = format!("{peer}#{next_id}");
                             let ctx = base_ctx.clone();
                             ctx.counters.connections.fetch_add(1, Ordering::Relaxed);
-                            let alive = alive.clone();
                             debug!(%peer, "accepted connection");
                             tokio::spawn(async move {
                                 match conn {
                                     Conn::Unix(s) => serve_connection(s, ctx, peer).await,
                                     Conn::Tcp(s) => serve_connection(s, ctx, peer).await,
                                 }
-                                drop(alive);
                             });
                         }
                         Err(e) => {
@@ -310,10 +315,9 @@ impl<D: BlockDevice> Server<D> {
                 }
                 // Dropping the listener closes it and removes its socket file.
                 drop(listener);
-                drop(alive);
+                drop(base_ctx);
             });
         }
-        drop(alive);
         drop(base_ctx);
 
         shutdown.await;

@@ -1,7 +1,9 @@
 //! Assembly: from a set of member paths, in any order, to a volume — or a clear refusal that
 //! names the member at fault.
 
+use super::health::{Health, Progress, SlotEntry};
 use super::{locks::StripeLocks, Volume};
+use crate::meta::SlotState;
 use crate::codec::Codec;
 use crate::layout::{Geometry, Level};
 use crate::member::{Access, Member, MemberError};
@@ -10,7 +12,7 @@ use crate::uring::Engine;
 use futures::future::join_all;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -29,8 +31,8 @@ pub enum AssembleError {
     GeometryMismatch { path: PathBuf, reference: PathBuf },
     #[error("{path}: stale member (event counter {event}, the volume is at {newest}): it missed updates while it was out")]
     Stale { path: PathBuf, event: u64, newest: u64 },
-    #[error("volume {name:?} has {members} members; missing slot(s) {missing:?}")]
-    Missing { name: String, members: u32, missing: Vec<u32> },
+    #[error("volume {name:?} cannot be assembled: slot(s) {lost:?} missing, failed or stale, and {level} tolerates only {tolerated} lost")]
+    TooManyLost { name: String, level: &'static str, lost: Vec<u32>, tolerated: usize },
     #[error("{path}: superblock has an invalid geometry: {reason}")]
     BadGeometry { path: PathBuf, reason: String },
     #[error("{path}: member is {size} bytes but its superblock needs {need}")]
@@ -54,16 +56,18 @@ pub async fn assemble(paths: &[PathBuf], engine: &Arc<Engine>, access: Access) -
         return Err(AssembleError::NoMembers);
     }
     let found = open_members(paths, engine, access).await?;
-    from_members(found)
+    let (volume, changed) = from_members(found, engine)?;
+    if changed && access == Access::Exclusive {
+        // Record the members found missing or stale, so they are known stale if they return.
+        volume.persist_progress().await;
+    }
+    Ok(volume)
 }
 
-fn from_members(found: Vec<(Member, Superblock)>) -> Result<Volume, AssembleError> {
+fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Result<(Volume, bool), AssembleError> {
     refuse_same_member_twice(&found)?;
     let reference = reference_superblock(&found);
-    let ref_path = found.iter().find(|(_, sb)| sb.volume_uuid == reference.volume_uuid).map(|(m, _)| m.path().to_path_buf());
-    let ref_path = ref_path.unwrap_or_default();
-
-    let newest = found.iter().filter(|(_, sb)| sb.volume_uuid == reference.volume_uuid).map(|(_, sb)| sb.event).max().unwrap_or(0);
+    let ref_path = found.iter().find(|(_, sb)| *sb == reference).map(|(m, _)| m.path().to_path_buf()).unwrap_or_default();
     for (m, sb) in &found {
         if sb.volume_uuid != reference.volume_uuid {
             return Err(AssembleError::Foreign {
@@ -77,54 +81,107 @@ fn from_members(found: Vec<(Member, Superblock)>) -> Result<Volume, AssembleErro
         if !sb.same_geometry(&reference) {
             return Err(AssembleError::GeometryMismatch { path: m.path().to_path_buf(), reference: ref_path.clone() });
         }
-        if sb.event < newest {
-            return Err(AssembleError::Stale { path: m.path().to_path_buf(), event: sb.event, newest });
-        }
         let need = sb.data_offset + sb.member_data_bytes;
         if m.size() < need {
             return Err(AssembleError::Truncated { path: m.path().to_path_buf(), size: m.size(), need });
         }
     }
-
     let geometry = geometry_of(&reference, &ref_path)?;
-    let mut slots: Vec<Option<Member>> = (0..reference.members).map(|_| None).collect();
-    let mut newest_sb = reference.clone();
+    let n = reference.members as usize;
+
+    let mut claims: Vec<Vec<(Member, Superblock)>> = (0..n).map(|_| Vec::new()).collect();
+    let mut replacements: Vec<Option<Member>> = (0..n).map(|_| None).collect();
+    let mut spares = Vec::new();
     for (m, sb) in found {
         let slot = sb.member_index as usize;
-        if let Some(prev) = &slots[slot] {
-            return Err(AssembleError::DuplicateSlot {
-                a: prev.path().to_path_buf(),
-                b: m.path().to_path_buf(),
-                slot: sb.member_index,
-                name: sb.name.clone(),
-            });
+        if sb.spare {
+            spares.push(Arc::new(m));
+        } else if sb.replacement {
+            replacements[slot] = Some(m);
+        } else {
+            claims[slot].push((m, sb));
         }
-        if sb.event >= newest_sb.event {
-            newest_sb = sb;
+    }
+
+    // Per slot: the newest claimant serves, unless the volume's record says the slot failed
+    // after that claimant last heard from it. Anything older is stale and never read.
+    let mut changed = false;
+    let mut slots = Vec::with_capacity(n);
+    for (slot, mut claimants) in claims.into_iter().enumerate() {
+        claimants.sort_by_key(|(_, sb)| std::cmp::Reverse(sb.event));
+        let mut claimants = claimants.into_iter();
+        let chosen = claimants.next();
+        for (m, sb) in claimants {
+            tracing::warn!("{}: stale member of slot {slot} (event {}, volume at {}): not used", m.path().display(), sb.event, reference.event);
         }
-        slots[slot] = Some(m);
+        let recorded = reference.slots[slot];
+        let mut entry = SlotEntry { member: None, state: recorded, replacement: None, stale: None, former_stats: Default::default() };
+        match chosen {
+            Some((m, sb)) if recorded == SlotState::Failed || (sb.event < reference.event && sb.slots[slot] != recorded) => {
+                tracing::warn!(
+                    "{}: stale member of slot {slot} (event {}, volume at {}): it missed updates while out; not used. `nbraid add` it to resync",
+                    m.path().display(),
+                    sb.event,
+                    reference.event
+                );
+                entry.state = SlotState::Failed;
+                entry.stale = Some(m.path().to_path_buf());
+                changed |= recorded != SlotState::Failed;
+            }
+            Some((m, _)) => entry.member = Some(Arc::new(m)),
+            None => {
+                if recorded != SlotState::Failed {
+                    tracing::warn!("slot {slot} of volume {:?}: member missing; assembling degraded", reference.name);
+                    changed = true;
+                }
+                entry.state = SlotState::Failed;
+            }
+        }
+        if entry.state == SlotState::Replacing {
+            match replacements[slot].take() {
+                Some(r) => entry.replacement = Some(Arc::new(r)),
+                None => {
+                    tracing::warn!("slot {slot}: the replacement being built is missing; the replace is abandoned");
+                    entry.state = SlotState::Active;
+                    changed = true;
+                }
+            }
+        }
+        slots.push(entry);
     }
-    let missing: Vec<u32> = slots.iter().enumerate().filter(|(_, m)| m.is_none()).map(|(i, _)| i as u32).collect();
-    if !missing.is_empty() {
-        return Err(AssembleError::Missing { name: reference.name.clone(), members: reference.members, missing });
+    for (slot, r) in replacements.into_iter().enumerate() {
+        if let Some(r) = r {
+            tracing::warn!("{}: replacement for slot {slot} that is no longer being replaced: not used", r.path().display());
+        }
     }
-    let members: Vec<Member> = slots.into_iter().flatten().collect();
+
+    let health = Health { slots, spares, exhausted: false };
+    let tolerated = geometry.parity_shards as usize;
+    if health.lost_slots() > tolerated {
+        let lost = health
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.member.is_none() || e.state != SlotState::Active && e.state != SlotState::Replacing)
+            .map(|(i, _)| i as u32)
+            .collect();
+        return Err(AssembleError::TooManyLost { name: reference.name.clone(), level: geometry.level.name(), lost, tolerated });
+    }
     let codec = Codec::for_geometry(&geometry).map_err(|e| AssembleError::BadGeometry { path: ref_path.clone(), reason: e.to_string() })?;
-    for m in &members {
-        if !m.is_direct() {
-            tracing::info!("{}: buffered I/O (no O_DIRECT)", m.path().display());
-        }
-    }
-    Ok(Volume {
-        name: newest_sb.name.clone(),
-        uuid: newest_sb.volume_uuid,
+    let volume = Volume {
+        name: reference.name.clone(),
+        uuid: reference.volume_uuid,
         geometry,
         codec,
-        members,
-        data_offset: newest_sb.data_offset,
+        data_offset: reference.data_offset,
         locks: StripeLocks::default(),
-        superblock: newest_sb,
-    })
+        health: RwLock::new(Arc::new(health)),
+        progress: Progress::new(reference.checkpoints.iter().copied()),
+        meta: tokio::sync::Mutex::new(reference),
+        rebuild: Default::default(),
+        engine: engine.clone(),
+    };
+    Ok((volume, changed))
 }
 
 fn refuse_same_member_twice(found: &[(Member, Superblock)]) -> Result<(), AssembleError> {

@@ -19,6 +19,8 @@ pub struct CheckReport {
     pub first_inconsistent: Vec<u64>,
     /// False for raid0, which has nothing to check against.
     pub redundant: bool,
+    /// Stripes not checked because a member holding part of them is lost.
+    pub skipped: u64,
 }
 
 pub async fn check(volume: &Volume) -> Result<CheckReport, VolumeError> {
@@ -29,9 +31,11 @@ pub async fn check(volume: &Volume) -> Result<CheckReport, VolumeError> {
     }
     let mut results = stream::iter(0..g.stripes).map(|s| async move { (s, volume.stripe_consistent(s).await) }).buffer_unordered(STRIPES_IN_FLIGHT);
     let mut bad = Vec::new();
-    while let Some((stripe, ok)) = results.next().await {
-        if !ok? {
-            bad.push(stripe);
+    while let Some((stripe, verdict)) = results.next().await {
+        match verdict? {
+            Some(true) => {}
+            Some(false) => bad.push(stripe),
+            None => report.skipped += 1,
         }
     }
     bad.sort_unstable();
@@ -42,19 +46,23 @@ pub async fn check(volume: &Volume) -> Result<CheckReport, VolumeError> {
 }
 
 impl Volume {
-    /// Reads every shard of `stripe` and asks the codec whether parity matches data.
-    async fn stripe_consistent(&self, stripe: u64) -> Result<bool, VolumeError> {
+    /// Reads every shard of `stripe` and asks the codec whether parity matches data; `None` if
+    /// some shard is not readable.
+    async fn stripe_consistent(&self, stripe: u64) -> Result<Option<bool>, VolumeError> {
         let chunk = self.geometry.chunk;
         let n = self.geometry.shards();
+        let h = self.health();
+        let members: Option<Vec<_>> =
+            (0..n).map(|shard| h.readable(self.geometry.shard_member(stripe, shard) as usize, stripe, &self.progress).cloned()).collect();
+        let Some(members) = members else { return Ok(None) };
         let buf = Arc::new(AlignedBuf::zeroed((n as u64 * chunk) as usize));
-        let pos = self.data_offset + self.geometry.member_offset(stripe);
-        let reads = (0..n).map(|shard| {
-            let member = &self.members[self.geometry.shard_member(stripe, shard) as usize];
-            self.read_into(member, pos, &buf, shard as u64 * chunk, chunk)
-        });
-        super::io::all(reads.collect::<Vec<_>>()).await?;
+        let pos = self.member_pos(stripe, 0);
+        let reads = members.iter().enumerate().map(|(shard, m)| super::io::member_read(m, pos, &buf, shard as u64 * chunk, chunk));
+        if let Some(f) = super::io::faults_of(reads.collect::<Vec<_>>()).await.into_iter().next() {
+            return Err(f.error.into());
+        }
         let buf = super::io::reclaim(buf)?;
         let shards: Vec<&[u8]> = buf.chunks(chunk as usize).collect();
-        self.codec.verify(&shards).map_err(|e| VolumeError::Codec(e.to_string()))
+        self.codec.verify(&shards).map(Some).map_err(|e| VolumeError::Codec(e.to_string()))
     }
 }

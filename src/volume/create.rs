@@ -179,7 +179,7 @@ async fn refuse_if_in_use(m: &Member) -> Result<(), CreateError> {
 }
 
 /// True if a regular file has any allocated (non-hole) byte. Block devices: assumed blank.
-fn has_data(path: &Path) -> io::Result<bool> {
+pub(super) fn has_data(path: &Path) -> io::Result<bool> {
     let meta = std::fs::metadata(path)?;
     if !meta.is_file() || meta.len() == 0 {
         return Ok(false);

@@ -1,4 +1,4 @@
-//! The data path: reads, writes, zeroing and flushes, split by stripe.
+//! The data path: reads, writes, zeroing and flushes, split by stripe, optimal or degraded.
 //!
 //! Member I/O always happens in whole 4096-byte blocks at aligned offsets, so members can use
 //! O_DIRECT. A client write that does not cover whole blocks is widened here by reading the
@@ -9,12 +9,18 @@
 //! - full-stripe write: parity from the new data alone, no reads;
 //! - read-modify-write: read the old bytes being replaced and the parity, apply the difference;
 //! - reconstruct-write: read the untouched rest of the stripe and encode parity afresh;
-//!   whichever reads fewer member blocks.
+//!   whichever reads fewer member blocks;
+//! - degraded write, when a shard of the stripe is unreadable: rebuild the stripe's slab from
+//!   any k shards, overlay the new data, and write every shard that still has a home.
+//!
+//! A member error fails the member (see `failure.rs`) and the operation is retried from what is
+//! left; a stripe that has lost more shards than the level tolerates answers EIO.
 
+use super::health::Health;
 use super::{Volume, VolumeError};
 use crate::buf::{AlignedBuf, ALIGN};
 use crate::layout::{Level, Piece, StripeExtent};
-use crate::member::Member;
+use crate::member::{Member, MemberError};
 use crate::uring::BufRange;
 use futures::future::join_all;
 use std::future::Future;
@@ -25,8 +31,32 @@ const BLOCK: u64 = ALIGN as u64;
 /// Zeroing writes are issued in pieces of at most this many bytes, to bound memory.
 const ZERO_WRITE_MAX: u64 = 8 << 20;
 
-/// Waits for every operation (none may be left running: they hold stripe locks and buffers),
-/// then reports the first error.
+/// A member operation that failed, and on which member.
+pub(super) struct Fault {
+    pub member: Arc<Member>,
+    pub error: MemberError,
+}
+
+pub(super) async fn member_read(member: &Arc<Member>, pos: u64, buf: &Arc<AlignedBuf>, off: u64, len: u64) -> Result<(), Fault> {
+    let range = BufRange::new(buf.clone(), off as usize, len as usize);
+    member.read_at(pos, range).await.map_err(|error| Fault { member: member.clone(), error })
+}
+
+pub(super) async fn member_write(member: &Arc<Member>, pos: u64, buf: &Arc<AlignedBuf>, off: u64, len: u64) -> Result<(), Fault> {
+    let range = BufRange::new(buf.clone(), off as usize, len as usize);
+    member.write_at(pos, range).await.map_err(|error| Fault { member: member.clone(), error })
+}
+
+/// Runs every operation to completion (none may be left running: they hold stripe locks and
+/// buffers) and returns the ones that failed.
+pub(super) async fn faults_of<F>(ops: impl IntoIterator<Item = F>) -> Vec<Fault>
+where
+    F: Future<Output = Result<(), Fault>>,
+{
+    join_all(ops).await.into_iter().filter_map(Result::err).collect()
+}
+
+/// Waits for every operation, then reports the first error.
 pub(super) async fn all<F>(ops: impl IntoIterator<Item = F>) -> Result<(), VolumeError>
 where
     F: Future<Output = Result<(), VolumeError>>,
@@ -39,6 +69,22 @@ pub(super) fn reclaim(buf: Arc<AlignedBuf>) -> Result<AlignedBuf, VolumeError> {
     Arc::try_unwrap(buf).map_err(|_| VolumeError::Internal("I/O buffer still shared after completion"))
 }
 
+/// Copies `data` into `buf` at `off` while other regions of `buf` may be in flight.
+fn fill_region(buf: &Arc<AlignedBuf>, off: usize, data: &[u8]) {
+    assert!(off + data.len() <= buf.len(), "region beyond buffer");
+    // SAFETY: in bounds (checked); the caller owns this region exclusively, exactly as a
+    // kernel read into it would, and nobody reads the buffer until every region is complete.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.as_ptr_mut_shared().add(off), data.len()) }
+}
+
+/// What one attempt at a stripe write came to.
+enum Attempt {
+    /// Writes issued; those that failed are listed.
+    Written(Vec<Fault>),
+    /// A read needed before writing failed: fail those members and try again.
+    ReadFailed(Vec<Fault>),
+}
+
 impl Volume {
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         let size = self.size();
@@ -49,20 +95,43 @@ impl Volume {
     }
 
     /// Byte position of `chunk_offset` within `stripe`'s chunk on any member.
-    fn member_pos(&self, stripe: u64, chunk_offset: u64) -> u64 {
+    pub(super) fn member_pos(&self, stripe: u64, chunk_offset: u64) -> u64 {
         self.data_offset + self.geometry.member_offset(stripe) + chunk_offset
     }
 
-    fn shard_member(&self, stripe: u64, shard: u32) -> &Member {
-        &self.members[self.geometry.shard_member(stripe, shard) as usize]
+    fn slot_of_shard(&self, stripe: u64, shard: u32) -> usize {
+        self.geometry.shard_member(stripe, shard) as usize
     }
 
-    pub(super) async fn read_into(&self, member: &Member, pos: u64, buf: &Arc<AlignedBuf>, off: u64, len: u64) -> Result<(), VolumeError> {
-        Ok(member.read_at(pos, BufRange::new(buf.clone(), off as usize, len as usize)).await?)
+    pub(super) async fn fail_all(&self, faults: Vec<Fault>) {
+        for f in faults {
+            self.member_failed(&f.member, &f.error).await;
+        }
     }
 
-    async fn write_from(&self, member: &Member, pos: u64, buf: &Arc<AlignedBuf>, off: u64, len: u64) -> Result<(), VolumeError> {
-        Ok(member.write_at(pos, BufRange::new(buf.clone(), off as usize, len as usize)).await?)
+    /// Whether `stripe` still has enough readable shards to be served.
+    fn serviceable(&self, h: &Health, stripe: u64) -> bool {
+        let readable = (0..self.geometry.members as usize).filter(|&s| h.readable(s, stripe, &self.progress).is_some()).count();
+        readable >= self.geometry.data_shards as usize
+    }
+
+    /// k readable shards of `stripe`, data shards first (reading those needs no decoding).
+    pub(super) fn pick_sources(&self, h: &Health, stripe: u64, skip_slot: Option<usize>) -> Result<Vec<(u32, Arc<Member>)>, VolumeError> {
+        let k = self.geometry.data_shards as usize;
+        let sources: Vec<(u32, Arc<Member>)> = (0..self.geometry.shards())
+            .filter_map(|shard| {
+                let slot = self.slot_of_shard(stripe, shard);
+                if Some(slot) == skip_slot {
+                    return None;
+                }
+                h.readable(slot, stripe, &self.progress).map(|m| (shard, m.clone()))
+            })
+            .take(k)
+            .collect();
+        if sources.len() < k {
+            return Err(VolumeError::Unavailable { stripe });
+        }
+        Ok(sources)
     }
 
     /// Reads `len` bytes at `offset` (any alignment).
@@ -73,28 +142,77 @@ impl Volume {
         }
         let start = offset / BLOCK * BLOCK;
         let end = (offset + len as u64).div_ceil(BLOCK) * BLOCK;
-        let buf = self.read_aligned(start, end - start).await?;
+        let buf = self.read_aligned(start, end - start, false).await?;
         if start == offset && end - start == len as u64 {
             return Ok(buf);
         }
         Ok(AlignedBuf::from_slice(&buf[(offset - start) as usize..][..len]))
     }
 
-    async fn read_aligned(&self, start: u64, len: u64) -> Result<AlignedBuf, VolumeError> {
+    /// Reads an aligned range. `locked`: the caller already holds the stripe locks (a write
+    /// widening its edges), so degraded reads must not take them again.
+    async fn read_aligned(&self, start: u64, len: u64, locked: bool) -> Result<AlignedBuf, VolumeError> {
         let buf = Arc::new(AlignedBuf::zeroed(len as usize));
-        let mut ops = Vec::new();
-        for ext in self.geometry.map(start, len) {
-            for p in &ext.pieces {
-                let member = match self.geometry.level {
-                    // Spread mirror reads by stripe, so a long read uses every copy.
-                    Level::Raid1 => &self.members[(ext.stripe % self.members.len() as u64) as usize],
-                    _ => self.shard_member(ext.stripe, p.shard),
-                };
-                ops.push(self.read_into(member, self.member_pos(ext.stripe, p.chunk_offset), &buf, p.buf_offset, p.len));
+        let extents = self.geometry.map(start, len);
+        let reads = extents.iter().flat_map(|ext| ext.pieces.iter().map(|p| self.read_piece(ext.stripe, p, &buf, locked)));
+        all(reads.collect::<Vec<_>>()).await?;
+        reclaim(buf)
+    }
+
+    async fn read_piece(&self, stripe: u64, p: &Piece, buf: &Arc<AlignedBuf>, locked: bool) -> Result<(), VolumeError> {
+        loop {
+            let h = self.health();
+            let member = match self.geometry.level {
+                Level::Raid1 => self.mirror_for(&h, stripe),
+                _ => h.readable(self.slot_of_shard(stripe, p.shard), stripe, &self.progress).cloned(),
+            };
+            match member {
+                Some(m) => match member_read(&m, self.member_pos(stripe, p.chunk_offset), buf, p.buf_offset, p.len).await {
+                    Ok(()) => return Ok(()),
+                    Err(f) => self.member_failed(&f.member, &f.error).await,
+                },
+                None if matches!(self.geometry.level, Level::Raid5 | Level::Ec) => {
+                    return self.read_piece_degraded(stripe, p, buf, locked).await
+                }
+                None => return Err(VolumeError::Unavailable { stripe }),
             }
         }
-        all(ops).await?;
-        reclaim(buf)
+    }
+
+    /// A readable mirror, spreading reads by stripe so a long read uses every copy.
+    fn mirror_for(&self, h: &Health, stripe: u64) -> Option<Arc<Member>> {
+        let n = self.geometry.members as u64;
+        (0..n).map(|i| ((stripe + i) % n) as usize).find_map(|slot| h.readable(slot, stripe, &self.progress).cloned())
+    }
+
+    /// Rebuilds one piece from k other shards. Takes the stripe lock so data and parity are
+    /// read consistently with respect to writers.
+    async fn read_piece_degraded(&self, stripe: u64, p: &Piece, buf: &Arc<AlignedBuf>, locked: bool) -> Result<(), VolumeError> {
+        let _guard = if locked { None } else { Some(self.locks.lock(stripe).await) };
+        let n = self.geometry.shards() as usize;
+        let len = p.len as usize;
+        loop {
+            let h = self.health();
+            let sources = self.pick_sources(&h, stripe, None)?;
+            let shards = Arc::new(AlignedBuf::zeroed(n * len));
+            let pos = self.member_pos(stripe, p.chunk_offset);
+            let faults = faults_of(sources.iter().map(|(shard, m)| member_read(m, pos, &shards, *shard as u64 * p.len, p.len))).await;
+            if !faults.is_empty() {
+                self.fail_all(faults).await;
+                continue;
+            }
+            let mut shards = reclaim(shards)?;
+            let mut present = vec![false; n];
+            for (shard, _) in &sources {
+                present[*shard as usize] = true;
+            }
+            {
+                let mut slices: Vec<&mut [u8]> = shards.chunks_mut(len).collect();
+                self.codec.reconstruct(&mut slices, &present).map_err(|e| VolumeError::Codec(e.to_string()))?;
+            }
+            fill_region(buf, p.buf_offset as usize, &shards[p.shard as usize * len..][..len]);
+            return Ok(());
+        }
     }
 
     /// Writes `data` at `offset` (any alignment); with `fua`, durable on every member before returning.
@@ -111,7 +229,9 @@ impl Volume {
             } else {
                 self.widen_to_blocks(start, end, offset, &data).await?
             };
-            self.write_locked(start, &Arc::new(buf)).await?;
+            let buf = Arc::new(buf);
+            let extents = self.geometry.map(start, buf.len() as u64);
+            all(extents.iter().map(|ext| self.write_stripe(ext, &buf))).await?;
         }
         if fua {
             self.flush().await?;
@@ -126,12 +246,12 @@ impl Volume {
         let data_end = offset + data.len() as u64;
         let head_partial = offset != start;
         if head_partial {
-            buf[..ALIGN].copy_from_slice(&self.read_aligned(start, BLOCK).await?);
+            buf[..ALIGN].copy_from_slice(&self.read_aligned(start, BLOCK, true).await?);
         }
         let tail_block = end - BLOCK;
         // The tail block was already read if it is the head block.
         if data_end != end && !(head_partial && tail_block == start) {
-            let tail = self.read_aligned(tail_block, BLOCK).await?;
+            let tail = self.read_aligned(tail_block, BLOCK, true).await?;
             let at = buf.len() - ALIGN;
             buf[at..].copy_from_slice(&tail);
         }
@@ -139,53 +259,104 @@ impl Volume {
         Ok(buf)
     }
 
-    /// Writes an aligned buffer at aligned `start`; caller holds the stripe locks.
-    async fn write_locked(&self, start: u64, buf: &Arc<AlignedBuf>) -> Result<(), VolumeError> {
-        let extents = self.geometry.map(start, buf.len() as u64);
-        all(extents.iter().map(|ext| self.write_stripe(ext, buf))).await
-    }
-
+    /// Writes one stripe's part of a request; caller holds the stripe lock.
     async fn write_stripe(&self, ext: &StripeExtent, buf: &Arc<AlignedBuf>) -> Result<(), VolumeError> {
-        let s = ext.stripe;
-        match self.geometry.level {
-            Level::Raid0 => {
-                all(ext.pieces.iter().map(|p| {
-                    self.write_from(self.shard_member(s, p.shard), self.member_pos(s, p.chunk_offset), buf, p.buf_offset, p.len)
-                }))
-                .await
+        loop {
+            let h = self.health();
+            if !self.serviceable(&h, ext.stripe) {
+                return Err(VolumeError::Unavailable { stripe: ext.stripe });
             }
-            Level::Raid1 => {
-                let mut ops = Vec::new();
-                for p in &ext.pieces {
-                    for m in &self.members {
-                        ops.push(self.write_from(m, self.member_pos(s, p.chunk_offset), buf, p.buf_offset, p.len));
+            let attempt = match self.geometry.level {
+                Level::Raid0 | Level::Raid1 => self.write_direct(&h, ext, buf).await,
+                Level::Raid5 | Level::Ec => self.write_parity(&h, ext, buf).await?,
+            };
+            match attempt {
+                Attempt::ReadFailed(faults) => self.fail_all(faults).await,
+                Attempt::Written(faults) => {
+                    if faults.is_empty() {
+                        return Ok(());
                     }
-                }
-                all(ops).await
-            }
-            Level::Raid5 | Level::Ec => {
-                if ext.is_full_stripe(&self.geometry) {
-                    self.write_full_stripe(ext, buf).await
-                } else {
-                    self.write_partial_stripe(ext, buf).await
+                    // Every shard that was written holds the new, mutually consistent version;
+                    // the ones that failed are taken out. The stripe is good while enough remain.
+                    self.fail_all(faults).await;
+                    return if self.serviceable(&self.health(), ext.stripe) {
+                        Ok(())
+                    } else {
+                        Err(VolumeError::Unavailable { stripe: ext.stripe })
+                    };
                 }
             }
         }
     }
 
-    /// Encodes parity from the new data alone; writes all k + m chunks.
-    async fn write_full_stripe(&self, ext: &StripeExtent, buf: &Arc<AlignedBuf>) -> Result<(), VolumeError> {
-        let (s, chunk) = (ext.stripe, self.geometry.chunk);
+    fn targets(&self, h: &Health, stripe: u64, shard: u32) -> Vec<Arc<Member>> {
+        h.targets(self.slot_of_shard(stripe, shard), stripe, &self.progress)
+    }
+
+    /// raid0 and raid1: each piece goes to its member (raid0) or to every mirror (raid1).
+    async fn write_direct(&self, h: &Health, ext: &StripeExtent, buf: &Arc<AlignedBuf>) -> Attempt {
+        let s = ext.stripe;
+        let mut ops = Vec::new();
+        for p in &ext.pieces {
+            let targets: Vec<Arc<Member>> = match self.geometry.level {
+                Level::Raid1 => (0..self.geometry.members as usize).flat_map(|slot| h.targets(slot, s, &self.progress)).collect(),
+                _ => self.targets(h, s, p.shard),
+            };
+            for t in targets {
+                ops.push(async move { member_write(&t, self.member_pos(s, p.chunk_offset), buf, p.buf_offset, p.len).await });
+            }
+        }
+        Attempt::Written(faults_of(ops).await)
+    }
+
+    /// Writes `data` (regions of `buf`) to every target of each shard.
+    async fn write_shards(&self, h: &Health, stripe: u64, writes: Vec<(u32, u64, &Arc<AlignedBuf>, u64, u64)>) -> Vec<Fault> {
+        let mut ops = Vec::new();
+        for (shard, pos, src, off, len) in writes {
+            for t in self.targets(h, stripe, shard) {
+                ops.push(async move { member_write(&t, pos, src, off, len).await });
+            }
+        }
+        faults_of(ops).await
+    }
+
+    async fn write_parity(&self, h: &Health, ext: &StripeExtent, buf: &Arc<AlignedBuf>) -> Result<Attempt, VolumeError> {
+        let s = ext.stripe;
         let k = self.geometry.data_shards;
-        let parity = self.encode_parity(
-            ext.pieces.iter().map(|p| &buf[p.buf_offset as usize..][..chunk as usize]).collect(),
-            chunk as usize,
-        )?;
-        let pos = self.member_pos(s, 0);
-        let data_writes = ext.pieces.iter().map(|p| self.write_from(self.shard_member(s, p.shard), pos, buf, p.buf_offset, chunk));
-        let parity_writes = (0..self.geometry.parity_shards)
-            .map(|j| self.write_from(self.shard_member(s, k + j), pos, &parity, j as u64 * chunk, chunk));
-        all(data_writes.chain(parity_writes).collect::<Vec<_>>()).await
+        let m = self.geometry.parity_shards;
+        let chunk = self.geometry.chunk;
+        if ext.is_full_stripe(&self.geometry) {
+            // Parity from the new data alone, no reads, whatever is degraded.
+            let parity = self.encode_parity(ext.pieces.iter().map(|p| &buf[p.buf_offset as usize..][..chunk as usize]).collect(), chunk as usize)?;
+            let pos = self.member_pos(s, 0);
+            let mut writes: Vec<_> = ext.pieces.iter().map(|p| (p.shard, pos, buf, p.buf_offset, chunk)).collect();
+            writes.extend((0..m).map(|j| (k + j, pos, &parity, j as u64 * chunk, chunk)));
+            return Ok(Attempt::Written(self.write_shards(h, s, writes).await));
+        }
+        let lo = ext.pieces.iter().map(|p| p.chunk_offset).min().unwrap_or(0);
+        let hi = ext.pieces.iter().map(|p| p.chunk_offset + p.len).max().unwrap_or(0);
+        let slab = hi - lo;
+        let all_readable = (0..k + m).all(|shard| h.readable(self.slot_of_shard(s, shard), s, &self.progress).is_some());
+        let parity = if all_readable {
+            let touched = ext.pieces.len();
+            let partially_covered = ext.pieces.iter().filter(|p| p.chunk_offset != lo || p.len != slab).count();
+            let rmw_reads = touched + m as usize;
+            let rcw_reads = (k as usize - touched) + partially_covered;
+            if rcw_reads < rmw_reads {
+                self.reconstruct_write_parity(h, ext, buf, lo, slab).await?
+            } else {
+                self.read_modify_write_parity(h, ext, buf, lo, slab).await?
+            }
+        } else {
+            self.degraded_write_parity(h, ext, buf, lo, slab).await?
+        };
+        let parity = match parity {
+            Ok(p) => p,
+            Err(faults) => return Ok(Attempt::ReadFailed(faults)),
+        };
+        let mut writes: Vec<_> = ext.pieces.iter().map(|p| (p.shard, self.member_pos(s, p.chunk_offset), buf, p.buf_offset, p.len)).collect();
+        writes.extend((0..m).map(|j| (k + j, self.member_pos(s, lo), &parity, j as u64 * slab, slab)));
+        Ok(Attempt::Written(self.write_shards(h, s, writes).await))
     }
 
     /// Computes the m parity slabs of `slab` bytes from k data slabs.
@@ -196,57 +367,56 @@ impl Volume {
         Ok(Arc::new(parity))
     }
 
-    /// A write covering part of a stripe. Only the byte range [lo, hi) of the chunks, the union of
-    /// the pieces' in-chunk ranges, can change, so parity is read and written for that slab only.
-    async fn write_partial_stripe(&self, ext: &StripeExtent, buf: &Arc<AlignedBuf>) -> Result<(), VolumeError> {
-        let lo = ext.pieces.iter().map(|p| p.chunk_offset).min().unwrap_or(0);
-        let hi = ext.pieces.iter().map(|p| p.chunk_offset + p.len).max().unwrap_or(0);
-        let slab = hi - lo;
-        let k = self.geometry.data_shards as usize;
-        let m = self.geometry.parity_shards as usize;
-        let touched = ext.pieces.len();
-        let partially_covered = ext.pieces.iter().filter(|p| p.chunk_offset != lo || p.len != slab).count();
-        let rmw_reads = touched + m;
-        let rcw_reads = (k - touched) + partially_covered;
-        let parity = if rcw_reads < rmw_reads {
-            self.reconstruct_write_parity(ext, buf, lo, slab).await?
-        } else {
-            self.read_modify_write_parity(ext, buf, lo, slab).await?
-        };
-        let s = ext.stripe;
-        let data_writes = ext
-            .pieces
-            .iter()
-            .map(|p| self.write_from(self.shard_member(s, p.shard), self.member_pos(s, p.chunk_offset), buf, p.buf_offset, p.len));
-        let parity_writes = (0..m as u32).map(|j| {
-            let member = self.shard_member(s, self.geometry.data_shards + j);
-            self.write_from(member, self.member_pos(s, lo), &parity, j as u64 * slab, slab)
-        });
-        all(data_writes.chain(parity_writes).collect::<Vec<_>>()).await
+    fn read_shard<'a>(&'a self, h: &'a Health, stripe: u64, shard: u32, pos: u64, buf: &'a Arc<AlignedBuf>, off: u64, len: u64) -> impl Future<Output = Result<(), Fault>> + 'a {
+        let member = h.readable(self.slot_of_shard(stripe, shard), stripe, &self.progress).cloned();
+        async move {
+            match member {
+                Some(m) => member_read(&m, pos, buf, off, len).await,
+                // Callers only read shards they saw readable in this same snapshot.
+                None => Ok(()),
+            }
+        }
     }
 
     /// Reads the slab of every data shard the write does not fully cover, overlays the new data,
     /// and encodes parity from scratch.
-    async fn reconstruct_write_parity(&self, ext: &StripeExtent, buf: &Arc<AlignedBuf>, lo: u64, slab: u64) -> Result<Arc<AlignedBuf>, VolumeError> {
+    async fn reconstruct_write_parity(
+        &self,
+        h: &Health,
+        ext: &StripeExtent,
+        buf: &Arc<AlignedBuf>,
+        lo: u64,
+        slab: u64,
+    ) -> Result<Result<Arc<AlignedBuf>, Vec<Fault>>, VolumeError> {
         let s = ext.stripe;
         let k = self.geometry.data_shards;
         let piece_of = |shard: u32| ext.pieces.iter().find(|p| p.shard == shard);
         let stripe = Arc::new(AlignedBuf::zeroed((k as u64 * slab) as usize));
-        let reads = (0..k).filter(|&i| piece_of(i).is_none_or(|p| p.chunk_offset != lo || p.len != slab)).map(|i| {
-            self.read_into(self.shard_member(s, i), self.member_pos(s, lo), &stripe, i as u64 * slab, slab)
-        });
-        all(reads.collect::<Vec<_>>()).await?;
+        let reads = (0..k)
+            .filter(|&i| piece_of(i).is_none_or(|p| p.chunk_offset != lo || p.len != slab))
+            .map(|i| self.read_shard(h, s, i, self.member_pos(s, lo), &stripe, i as u64 * slab, slab));
+        let faults = faults_of(reads.collect::<Vec<_>>()).await;
+        if !faults.is_empty() {
+            return Ok(Err(faults));
+        }
         let mut stripe = reclaim(stripe)?;
         for p in &ext.pieces {
             let at = (p.shard as u64 * slab + p.chunk_offset - lo) as usize;
             stripe[at..][..p.len as usize].copy_from_slice(&buf[p.buf_offset as usize..][..p.len as usize]);
         }
-        self.encode_parity(stripe.chunks(slab as usize).collect(), slab as usize)
+        Ok(Ok(self.encode_parity(stripe.chunks(slab as usize).collect(), slab as usize)?))
     }
 
     /// Reads the old bytes under each piece and the parity slab, then folds the difference
     /// between old and new data into the parity.
-    async fn read_modify_write_parity(&self, ext: &StripeExtent, buf: &Arc<AlignedBuf>, lo: u64, slab: u64) -> Result<Arc<AlignedBuf>, VolumeError> {
+    async fn read_modify_write_parity(
+        &self,
+        h: &Health,
+        ext: &StripeExtent,
+        buf: &Arc<AlignedBuf>,
+        lo: u64,
+        slab: u64,
+    ) -> Result<Result<Arc<AlignedBuf>, Vec<Fault>>, VolumeError> {
         let s = ext.stripe;
         let k = self.geometry.data_shards;
         let m = self.geometry.parity_shards as u64;
@@ -255,12 +425,12 @@ impl Volume {
         let total: u64 = ext.pieces.iter().map(|p| p.len).sum();
         let old = Arc::new(AlignedBuf::zeroed(total as usize));
         let parity = Arc::new(AlignedBuf::zeroed((m * slab) as usize));
-        let old_reads = ext.pieces.iter().map(|p: &Piece| {
-            self.read_into(self.shard_member(s, p.shard), self.member_pos(s, p.chunk_offset), &old, p.buf_offset - first, p.len)
-        });
-        let parity_reads =
-            (0..m).map(|j| self.read_into(self.shard_member(s, k + j as u32), self.member_pos(s, lo), &parity, j * slab, slab));
-        all(old_reads.chain(parity_reads).collect::<Vec<_>>()).await?;
+        let old_reads = ext.pieces.iter().map(|p| self.read_shard(h, s, p.shard, self.member_pos(s, p.chunk_offset), &old, p.buf_offset - first, p.len));
+        let parity_reads = (0..m).map(|j| self.read_shard(h, s, k + j as u32, self.member_pos(s, lo), &parity, j * slab, slab));
+        let faults = faults_of(old_reads.chain(parity_reads).collect::<Vec<_>>()).await;
+        if !faults.is_empty() {
+            return Ok(Err(faults));
+        }
         let (mut old, mut parity) = (reclaim(old)?, reclaim(parity)?);
         for p in &ext.pieces {
             let delta = &mut old[(p.buf_offset - first) as usize..][..p.len as usize];
@@ -269,7 +439,43 @@ impl Volume {
             let mut slabs: Vec<&mut [u8]> = parity.chunks_mut(slab as usize).map(|c| &mut c[at..][..p.len as usize]).collect();
             self.codec.update_parity(p.shard as usize, delta, &mut slabs).map_err(|e| VolumeError::Codec(e.to_string()))?;
         }
-        Ok(Arc::new(parity))
+        Ok(Ok(Arc::new(parity)))
+    }
+
+    /// Some shard of the stripe is unreadable: read the slab from any k readable shards,
+    /// reconstruct the rest, overlay the new data and encode parity afresh.
+    async fn degraded_write_parity(
+        &self,
+        h: &Health,
+        ext: &StripeExtent,
+        buf: &Arc<AlignedBuf>,
+        lo: u64,
+        slab: u64,
+    ) -> Result<Result<Arc<AlignedBuf>, Vec<Fault>>, VolumeError> {
+        let s = ext.stripe;
+        let k = self.geometry.data_shards as usize;
+        let n = self.geometry.shards() as usize;
+        let sources = self.pick_sources(h, s, None)?;
+        let shards = Arc::new(AlignedBuf::zeroed(n * slab as usize));
+        let pos = self.member_pos(s, lo);
+        let faults = faults_of(sources.iter().map(|(shard, m)| member_read(m, pos, &shards, *shard as u64 * slab, slab))).await;
+        if !faults.is_empty() {
+            return Ok(Err(faults));
+        }
+        let mut shards = reclaim(shards)?;
+        let mut present = vec![false; n];
+        for (shard, _) in &sources {
+            present[*shard as usize] = true;
+        }
+        {
+            let mut slices: Vec<&mut [u8]> = shards.chunks_mut(slab as usize).collect();
+            self.codec.reconstruct(&mut slices, &present).map_err(|e| VolumeError::Codec(e.to_string()))?;
+        }
+        for p in &ext.pieces {
+            let at = (p.shard as u64 * slab + p.chunk_offset - lo) as usize;
+            shards[at..][..p.len as usize].copy_from_slice(&buf[p.buf_offset as usize..][..p.len as usize]);
+        }
+        Ok(Ok(self.encode_parity(shards[..k * slab as usize].chunks(slab as usize).collect(), slab as usize)?))
     }
 
     /// Writes zeros over [offset, offset + len).
@@ -289,8 +495,20 @@ impl Volume {
         Ok(())
     }
 
-    /// Makes every completed write durable on every member.
+    /// Makes every completed write durable on every member in service. A member that cannot
+    /// flush is failed: what it holds may not be durable.
     pub async fn flush(&self) -> Result<(), VolumeError> {
-        all(self.members.iter().map(|m| async move { Ok(m.sync().await?) })).await
+        let h = self.health();
+        let members = h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter()));
+        let syncs = members.map(|m| async move { m.sync().await.map_err(|error| Fault { member: m.clone(), error }) });
+        let faults = faults_of(syncs.collect::<Vec<_>>()).await;
+        if faults.is_empty() {
+            return Ok(());
+        }
+        self.fail_all(faults).await;
+        if self.health().exhausted {
+            return Err(VolumeError::Exhausted);
+        }
+        Ok(())
     }
 }

@@ -1,25 +1,36 @@
 //! The RAID block device: a volume assembled from member superblocks, serving byte-addressed
-//! reads and writes by splitting them into stripes, computing parity and ordering writes.
+//! reads and writes by splitting them into stripes, computing parity and ordering writes, and
+//! surviving member failures (degraded service, rebuild, replace).
 //!
 //! Knows nothing of sockets: the NBD server reaches it through an adapter in `cli::serve`.
 
+mod admin;
 mod assemble;
 mod check;
 mod create;
+mod failure;
+mod health;
 mod io;
 mod locks;
+mod rebuild;
+pub mod status;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod failure_tests;
 
+pub use admin::AdminError;
 pub use assemble::{assemble, AssembleError};
 pub use check::{check, CheckReport};
 pub use create::{create, CreateError, CreateSpec};
 
 use crate::codec::Codec;
 use crate::layout::Geometry;
-use crate::member::{Member, MemberError};
+use crate::member::MemberError;
 use crate::meta::Superblock;
+use health::{Health, Progress};
 use locks::StripeLocks;
+use std::sync::{Arc, RwLock};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -28,8 +39,12 @@ pub enum VolumeError {
     Member(#[from] MemberError),
     #[error("request [{offset}, +{len}) is beyond the volume size {size}")]
     OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("stripe {stripe}: too many members lost to serve it")]
+    Unavailable { stripe: u64 },
     #[error("parity computation failed: {0}")]
     Codec(String),
+    #[error("the volume has lost more members than it tolerates")]
+    Exhausted,
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
@@ -40,13 +55,16 @@ pub struct Volume {
     uuid: [u8; 16],
     geometry: Geometry,
     codec: Codec,
-    /// Indexed by slot: `members[i]` holds slot `i`.
-    members: Vec<Member>,
     /// Where the data area starts on every member.
     data_offset: u64,
     locks: StripeLocks,
-    /// The newest superblock, as a template for rewriting members' copies.
-    superblock: Superblock,
+    health: RwLock<Arc<Health>>,
+    progress: Progress,
+    /// Serializes membership changes and superblock writes; holds the newest superblock.
+    meta: tokio::sync::Mutex<Superblock>,
+    rebuild: Arc<rebuild::RebuildControl>,
+    /// For opening members added at run time.
+    engine: Arc<crate::uring::Engine>,
 }
 
 impl Volume {
@@ -66,11 +84,17 @@ impl Volume {
         self.geometry.volume_size()
     }
 
-    pub fn members(&self) -> &[Member] {
-        &self.members
+    /// The current membership snapshot.
+    fn health(&self) -> Arc<Health> {
+        self.health.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn superblock(&self) -> &Superblock {
-        &self.superblock
+    fn set_health(&self, h: Health) {
+        *self.health.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(h);
+    }
+
+    /// Paths of the members serving each slot (`None` for a lost slot), for logs.
+    pub fn member_paths(&self) -> Vec<Option<(std::path::PathBuf, bool)>> {
+        self.health().slots.iter().map(|e| e.member.as_ref().map(|m| (m.path().to_path_buf(), m.is_direct()))).collect()
     }
 }

@@ -144,9 +144,14 @@ async fn assembly_refuses_bad_sets() {
     let e = assemble(&twice, &engine, Access::SharedReadOnly).await.err().unwrap();
     assert!(matches!(e, AssembleError::SameMember { .. }), "{e}");
 
-    let missing = vec![a.members[0].clone(), a.members[2].clone()];
-    let e = assemble(&missing, &engine, Access::SharedReadOnly).await.err().unwrap();
-    assert!(matches!(&e, AssembleError::Missing { missing, .. } if missing == &vec![1]), "{e}");
+    // One member missing: raid5 assembles degraded; two: refused, naming the lost slots.
+    let one_missing = vec![a.members[0].clone(), a.members[2].clone()];
+    let vol = assemble(&one_missing, &engine, Access::SharedReadOnly).await.unwrap();
+    assert_eq!(vol.status().state, status::VolumeState::Degraded);
+    drop(vol);
+    let two_missing = vec![a.members[2].clone()];
+    let e = assemble(&two_missing, &engine, Access::SharedReadOnly).await.err().unwrap();
+    assert!(matches!(&e, AssembleError::TooManyLost { lost, .. } if lost == &vec![0, 1]), "{e}");
 
     // A member already in a volume is refused by create unless forced.
     let e = create(&a, &engine).await.err().unwrap();

@@ -1,0 +1,340 @@
+//! Online rebuild and replace: a background task that fills a slot's new member stripe batch
+//! by stripe batch, while clients keep reading and writing.
+//!
+//! Ordering against writers: a batch is rebuilt under the stripe locks of its stripes, and the
+//! slot's checkpoint moves past the batch before the locks are released. A writer therefore
+//! either runs before the batch (the new member is not yet valid there and gets nothing; the
+//! rebuild then reads the writer's data from the others) or after it (the new member is valid
+//! and gets the write like any other member). The checkpoint is recorded in the superblocks
+//! every few seconds, so a restarted daemon resumes where it was.
+
+use super::health::Health;
+use super::io::{faults_of, member_read, member_write, reclaim, Fault};
+use super::{Volume, VolumeError};
+use crate::buf::AlignedBuf;
+use crate::layout::Level;
+use crate::member::Member;
+use crate::meta::SlotState;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// Bytes of each member handled per batch (and per stripe-lock hold).
+const BATCH_BYTES: u64 = 1 << 20;
+/// How often the checkpoint is written to the superblocks.
+const PERSIST_EVERY: Duration = Duration::from_secs(2);
+
+/// Shared between the volume and its rebuild task.
+#[derive(Default)]
+pub(super) struct RebuildControl {
+    wake: Notify,
+    stopping: AtomicBool,
+    /// Wakes a rebuild that is pausing for the throttle, so shutdown need not wait for it.
+    stop: Notify,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Bytes per second written to the new member; 0 = unlimited.
+    max_rate: AtomicU64,
+    /// Per slot being rebuilt: when this run started and its checkpoint then (for rate and ETA).
+    runs: Mutex<HashMap<usize, (Instant, u64)>>,
+}
+
+impl RebuildControl {
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn max_rate(&self) -> Option<u64> {
+        Some(self.max_rate.load(Ordering::Relaxed)).filter(|&r| r > 0)
+    }
+
+    pub fn set_max_rate(&self, rate: Option<u64>) {
+        self.max_rate.store(rate.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Rebuild rate of `slot` in stripes per second since its run started, if running.
+    pub fn rate(&self, slot: usize, done: u64) -> Option<f64> {
+        let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let (started, from) = runs.get(&slot)?;
+        let secs = started.elapsed().as_secs_f64();
+        (secs > 0.0).then(|| done.saturating_sub(*from) as f64 / secs)
+    }
+
+    fn start_run(&self, slot: usize, from: u64) {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner()).insert(slot, (Instant::now(), from));
+    }
+
+    fn end_run(&self, slot: usize) {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner()).remove(&slot);
+    }
+}
+
+enum Source {
+    /// Reconstruct from the other members.
+    Redundancy,
+    /// Copy from the member being replaced.
+    Copy(Arc<Member>),
+}
+
+enum BatchError {
+    /// A member failed; fail it and try the batch again with what is left.
+    Faults(Vec<Fault>),
+    Volume(VolumeError),
+}
+
+impl From<VolumeError> for BatchError {
+    fn from(e: VolumeError) -> Self {
+        BatchError::Volume(e)
+    }
+}
+
+/// Paces writes to a rate.
+struct Pacer {
+    next: Instant,
+}
+
+impl Pacer {
+    async fn pace(&mut self, bytes: u64, control: &RebuildControl) {
+        let now = Instant::now();
+        let Some(rate) = control.max_rate() else {
+            self.next = now;
+            return;
+        };
+        self.next = self.next.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        let stopped = control.stop.notified();
+        if control.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(self.next.into()) => {}
+            _ = stopped => {}
+        }
+    }
+}
+
+impl Volume {
+    /// Starts the background rebuild task. It holds the volume weakly, so dropping the last
+    /// `Arc<Volume>` ends it.
+    pub fn start_background(self: &Arc<Self>) {
+        let weak: Weak<Volume> = Arc::downgrade(self);
+        let control = self.rebuild.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Some(volume) = weak.upgrade() else { return };
+                if control.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                volume.run_rebuilds().await;
+                drop(volume);
+                control.wake.notified().await;
+            }
+        });
+        *self.rebuild.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        self.rebuild.wake();
+    }
+
+    /// Rebuilds every slot that needs it, one after the other.
+    async fn run_rebuilds(&self) {
+        loop {
+            let h = self.health();
+            let Some(slot) = h.slots.iter().position(|e| matches!(e.state, SlotState::Rebuilding | SlotState::Replacing)) else {
+                return;
+            };
+            if h.exhausted || self.rebuild.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            if !self.rebuild_slot(slot).await {
+                return;
+            }
+        }
+    }
+
+    /// Runs one slot's rebuild to its end (done, aborted or impossible). Returns false when
+    /// rebuilding cannot go on at all (too few members left, or stopping).
+    async fn rebuild_slot(&self, slot: usize) -> bool {
+        let stripes = self.geometry.stripes;
+        let batch_stripes = (BATCH_BYTES / self.geometry.chunk).max(1);
+        self.rebuild.start_run(slot, self.progress.get(slot));
+        let mut pacer = Pacer { next: Instant::now() };
+        let mut persisted = Instant::now();
+        let outcome = loop {
+            if self.rebuild.stopping.load(Ordering::SeqCst) {
+                break false;
+            }
+            let done = self.progress.get(slot);
+            let Some((target, _)) = self.rebuild_target(&self.health(), slot) else { break true };
+            if done >= stripes {
+                self.finish_rebuild(slot, &target).await;
+                break true;
+            }
+            let batch = batch_stripes.min(stripes - done);
+            let guards = self.locks.lock_all(done..done + batch).await;
+            // Membership may have changed while waiting for the locks.
+            let h = self.health();
+            let Some((now_target, source)) = self.rebuild_target(&h, slot) else { break true };
+            if !Arc::ptr_eq(&now_target, &target) || self.progress.get(slot) != done {
+                continue;
+            }
+            match self.rebuild_batch(&h, slot, &target, source, done, batch).await {
+                Ok(()) => self.progress.set(slot, done + batch),
+                Err(BatchError::Faults(faults)) => {
+                    drop(guards);
+                    self.fail_all(faults).await;
+                    continue;
+                }
+                Err(BatchError::Volume(e)) => {
+                    tracing::error!("rebuild of slot {slot} stopped: {e}");
+                    break false;
+                }
+            }
+            drop(guards);
+            if persisted.elapsed() >= PERSIST_EVERY {
+                self.persist_progress().await;
+                persisted = Instant::now();
+            }
+            pacer.pace(batch * self.geometry.chunk, &self.rebuild).await;
+        };
+        self.rebuild.end_run(slot);
+        outcome
+    }
+
+    /// The member `slot`'s rebuild writes to, and where its data comes from.
+    fn rebuild_target(&self, h: &Health, slot: usize) -> Option<(Arc<Member>, Source)> {
+        let e = &h.slots[slot];
+        match e.state {
+            SlotState::Rebuilding => Some((e.member.clone()?, Source::Redundancy)),
+            SlotState::Replacing => Some((e.replacement.clone()?, Source::Copy(e.member.clone()?))),
+            _ => None,
+        }
+    }
+
+    async fn rebuild_batch(&self, h: &Health, slot: usize, target: &Arc<Member>, source: Source, first: u64, batch: u64) -> Result<(), BatchError> {
+        let chunk = self.geometry.chunk;
+        let len = batch * chunk;
+        let pos = self.member_pos(first, 0);
+        let data = match source {
+            Source::Copy(old) => {
+                let buf = Arc::new(AlignedBuf::zeroed(len as usize));
+                member_read(&old, pos, &buf, 0, len).await.map_err(|f| BatchError::Faults(vec![f]))?;
+                buf
+            }
+            Source::Redundancy => Arc::new(self.reconstruct_batch(h, slot, first, batch).await?),
+        };
+        member_write(target, pos, &data, 0, len).await.map_err(|f| BatchError::Faults(vec![f]))
+    }
+
+    /// Computes `slot`'s chunks of stripes [first, first + batch) from k other members, reading
+    /// each source member's whole region in one I/O.
+    async fn reconstruct_batch(&self, h: &Health, slot: usize, first: u64, batch: u64) -> Result<AlignedBuf, BatchError> {
+        let g = self.geometry;
+        let chunk = g.chunk as usize;
+        let last = first + batch - 1;
+        let n = g.members as usize;
+        let k = match g.level {
+            Level::Raid1 => 1,
+            _ => g.data_shards as usize,
+        };
+        // Readable at the batch's last stripe means readable for the whole batch.
+        let sources: Vec<(usize, Arc<Member>)> =
+            (0..n).filter(|&j| j != slot).filter_map(|j| h.readable(j, last, &self.progress).map(|m| (j, m.clone()))).take(k).collect();
+        if sources.len() < k || g.level == Level::Raid0 {
+            return Err(VolumeError::Unavailable { stripe: first }.into());
+        }
+        let len = batch * g.chunk;
+        let pos = self.member_pos(first, 0);
+        let bufs: Vec<Arc<AlignedBuf>> = sources.iter().map(|_| Arc::new(AlignedBuf::zeroed(len as usize))).collect();
+        let faults = faults_of(sources.iter().zip(&bufs).map(|((_, m), b)| member_read(m, pos, b, 0, len))).await;
+        if !faults.is_empty() {
+            return Err(BatchError::Faults(faults));
+        }
+        let mut bufs: Vec<AlignedBuf> = bufs.into_iter().map(reclaim).collect::<Result<_, _>>()?;
+        if g.level == Level::Raid1 {
+            return Ok(bufs.swap_remove(0));
+        }
+        let mut out = AlignedBuf::zeroed(len as usize);
+        let mut scratch: Vec<AlignedBuf> = (0..n - k - 1).map(|_| AlignedBuf::zeroed(chunk)).collect();
+        for s in first..=last {
+            let at = (s - first) as usize * chunk;
+            let mut shards: Vec<Option<&mut [u8]>> = (0..n).map(|_| None).collect();
+            let mut present = vec![false; n];
+            for ((j, _), b) in sources.iter().zip(bufs.iter_mut()) {
+                let shard = g.member_shard(s, *j as u32) as usize;
+                shards[shard] = Some(&mut b[at..at + chunk]);
+                present[shard] = true;
+            }
+            shards[g.member_shard(s, slot as u32) as usize] = Some(&mut out[at..at + chunk]);
+            let mut spare = scratch.iter_mut();
+            for sh in shards.iter_mut().filter(|sh| sh.is_none()) {
+                *sh = spare.next().map(|b| &mut b[..]);
+            }
+            let mut slices: Vec<&mut [u8]> = shards.into_iter().map(|s| s.ok_or(VolumeError::Internal("rebuild shard missing"))).collect::<Result<_, _>>()?;
+            self.codec.reconstruct(&mut slices, &present).map_err(|e| VolumeError::Codec(e.to_string()))?;
+        }
+        Ok(out)
+    }
+
+    /// The rebuild of `slot` reached the end: the new member takes full service.
+    async fn finish_rebuild(&self, slot: usize, target: &Arc<Member>) {
+        let mut sb = self.meta.lock().await;
+        let h = self.health();
+        let Some((now_target, source)) = self.rebuild_target(&h, slot) else { return };
+        if !Arc::ptr_eq(&now_target, target) {
+            return;
+        }
+        let mut next = (*h).clone();
+        let e = &mut next.slots[slot];
+        let retired = match source {
+            Source::Copy(old) => {
+                e.member = e.replacement.take();
+                Some(old)
+            }
+            Source::Redundancy => None,
+        };
+        e.state = SlotState::Active;
+        e.stale = None;
+        self.commit(&mut sb, next).await;
+        drop(sb);
+        tracing::info!("slot {slot}: rebuild complete onto {}", target.path().display());
+        if let Some(old) = retired {
+            // Wiped so the old disk is not mistaken for a member later.
+            match old.wipe_superblocks().await {
+                Ok(()) => tracing::info!("slot {slot}: {} retired and its superblock wiped", old.path().display()),
+                Err(e) => tracing::warn!("slot {slot}: {} retired, but wiping its superblock failed: {e}", old.path().display()),
+            }
+        }
+    }
+
+    /// Records the current checkpoints on disk.
+    pub(super) async fn persist_progress(&self) {
+        let mut sb = self.meta.lock().await;
+        let h = (*self.health()).clone();
+        self.commit(&mut sb, h).await;
+    }
+
+    /// Stops the rebuild task at the next batch.
+    pub fn stop_background(&self) {
+        self.rebuild.stopping.store(true, Ordering::SeqCst);
+        self.rebuild.stop.notify_waiters();
+        self.rebuild.wake();
+    }
+
+    /// Clean shutdown: stop rebuilding, wait for the rebuild task to let go of the volume, and
+    /// record how far it got, so a restart resumes there.
+    pub async fn shutdown(&self) {
+        self.stop_background();
+        let task = self.rebuild.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        if self.health().rebuilding() {
+            self.persist_progress().await;
+        }
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        self.stop_background();
+    }
+}
