@@ -169,19 +169,16 @@ fn degraded(tag: &str, args: &[&str], good: usize, faulty: usize) {
 }
 
 #[test]
-#[ignore = "daemon: a member's EIO is returned to the client instead of degrading the volume (see tests report)"]
 fn degraded_raid5_one_failing_member() {
     degraded("deg-raid5", &["--level", "raid5"], 2, 1);
 }
 
 #[test]
-#[ignore = "daemon: a member's EIO is returned to the client instead of degrading the volume (see tests report)"]
 fn degraded_ec_4_2_two_failing_members() {
     degraded("deg-ec42", &["--level", "ec", "--data", "4", "--parity", "2"], 4, 2);
 }
 
 #[test]
-#[ignore = "daemon: a member's EIO is returned to the client instead of degrading the volume (see tests report)"]
 fn degraded_raid1_one_failing_member() {
     degraded("deg-raid1", &["--level", "raid1"], 1, 1);
 }

@@ -200,6 +200,13 @@ impl Daemon {
         Self::start_with(dir, members, &[])
     }
 
+    /// With a control socket (`--control DIR/ctlN`); returns the daemon and the socket path.
+    pub fn start_controlled(dir: &TestDir, members: &[PathBuf]) -> (Daemon, PathBuf) {
+        let ctl = dir.join(format!("ctl{}", unique()));
+        let d = Self::start_with(dir, members, &["--control", ctl.to_str().unwrap()]);
+        (d, ctl)
+    }
+
     pub fn start_with(dir: &TestDir, members: &[PathBuf], extra: &[&str]) -> Daemon {
         let n = unique();
         let sock = dir.join(format!("nbd{n}.sock"));
@@ -995,4 +1002,15 @@ impl FaultyMember {
     pub fn heal(&self) {
         let _ = fs::remove_file(&self.trigger);
     }
+}
+
+/// `nbraid status --control CTL --json`.
+pub fn status_json(ctl: &Path) -> serde_json::Value {
+    let o = run_ok(nbraid().arg("status").arg("--control").arg(ctl).arg("--json"));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("status --json: {e}\n{}", show(&o)))
+}
+
+/// `nbraid SUBCOMMAND --control CTL ARGS...`, which must succeed.
+pub fn admin(sub: &str, ctl: &Path, args: &[&std::ffi::OsStr]) -> Output {
+    run_ok(nbraid().arg(sub).arg("--control").arg(ctl).args(args))
 }
