@@ -223,13 +223,25 @@ impl Daemon {
         let outf = errf.try_clone().unwrap();
         let mut listen = std::ffi::OsString::from("unix:");
         listen.push(sock);
-        let child = Command::new(BIN)
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(BIN);
+        // If the test process dies without running Drop (Ctrl-C, SIGKILL), the daemon gets a
+        // SIGTERM instead of living on (it is in its own process group, see below).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("serve")
             .arg("--listen")
             .arg(&listen)
             .args(extra)
             .args(members)
             .env("RUST_BACKTRACE", "1")
+            // its own process group: signals aimed at the test's group do not reach it
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(outf)
             .stderr(errf)
@@ -295,12 +307,14 @@ impl Daemon {
 
     /// The daemon's state for failure messages: socket present?, log.
     pub fn context(&self) -> String {
-        format!(
-            "daemon socket {} exists: {}\n--- daemon stderr ---\n{}",
-            self.sock.display(),
-            self.sock.exists(),
-            self.stderr()
-        )
+        let log = self.stderr();
+        let stray = if self.child.is_some() && (log.contains("SIGTERM") || log.contains("SIGINT")) {
+            "\nNOTE: the daemon logged a signal that this test did not send: another process on the \
+             machine signalled it (stray pkill/kill?), so the failure is not the daemon's own"
+        } else {
+            ""
+        };
+        format!("daemon socket {} exists: {}{stray}\n--- daemon stderr ---\n{log}", self.sock.display(), self.sock.exists())
     }
 
     /// SIGTERM and wait; returns the exit status (SIGKILL and panic if it does not exit).
