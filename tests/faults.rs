@@ -147,7 +147,7 @@ fn degraded(tag: &str, args: &[&str], good: usize, faulty: usize) {
     let mut a = args.to_vec();
     a.push("--force"); // nbdfuse files have no holes to show, so they look like data
     create(&a, &m);
-    let d = Daemon::start(&dir, &m);
+    let (d, ctl) = Daemon::start_controlled(&dir, &m);
     let uri = d.uri();
     let mut write_a: Vec<&str> = REGION_A.to_vec();
     write_a.push("--do_verify=0");
@@ -162,6 +162,12 @@ fn degraded(tag: &str, args: &[&str], good: usize, faulty: usize) {
     verify_a.push("--verify_only");
     fio_ctx(&fio_args(&uri, &verify_a), &|| d.context());
     s.verify(&uri);
+    let st = status_json(&ctl);
+    assert_eq!(st["state"].as_str(), Some("degraded"), "status after member EIO:\n{st:#}");
+    let slots = st["slots"].as_array().unwrap();
+    for k in good..good + faulty {
+        assert_eq!(slots[k]["state"].as_str(), Some("failed"), "slot {k} returned EIO but is not failed:\n{st:#}");
+    }
     // writes while degraded, then read back
     let base = s.base;
     s.write(base + 100, 300_000, 0x41);
@@ -178,8 +184,10 @@ fn degraded(tag: &str, args: &[&str], good: usize, faulty: usize) {
     }
     // the failed members are recorded as failed: the volume assembles (degraded) and the data
     // written while they were failing is there
-    let d = Daemon::start(&dir, &m);
+    let (d, ctl) = Daemon::start_controlled(&dir, &m);
     s.verify(&d.uri());
+    let st = status_json(&ctl);
+    assert_eq!(st["state"].as_str(), Some("degraded"), "a restart forgot the failed members:\n{st:#}");
     d.stop_ok();
 }
 
