@@ -104,7 +104,7 @@ mod tests {
             let b = AlignedBuf::zeroed(len);
             assert_eq!(b.as_ptr() as usize % ALIGN, 0);
             assert_eq!(b.len(), len);
-            assert!(b.capacity() >= len && b.capacity() % ALIGN == 0);
+            assert!(b.capacity() >= len && b.capacity().is_multiple_of(ALIGN));
             assert!(b.iter().all(|&x| x == 0));
         }
     }

@@ -31,9 +31,27 @@ pub enum AdminCommand {
     Replace(ReplaceArgs),
     /// Set the rebuild throttle, and/or wait for running rebuilds to finish.
     Rebuild(RebuildArgs),
+    /// Verify every stripe's parity or mirror copies on the running volume; --repair rewrites
+    /// what disagrees.
+    Scrub(ScrubArgs),
     /// Test hook: inject faults into a member's I/O (the daemon must allow it).
     #[command(hide = true)]
     Fault(FaultArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ScrubArgs {
+    #[command(flatten)]
+    control: ControlArg,
+    /// Rewrite inconsistent stripes (parity recomputed from the data; raid1: slot 0's copy).
+    #[arg(long)]
+    repair: bool,
+    /// Limit member reads to this many bytes per second, like 100MiB/s.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate_arg)]
+    max_rate: Option<Rate>,
+    /// Wait for the scrub to finish and print its summary; exit 1 if it left inconsistencies.
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -171,6 +189,16 @@ pub async fn run(cmd: AdminCommand) -> Result<i32, String> {
             None if args.wait.wait => wait_for_rebuilds(&args.control.control).await,
             None => Err("nothing to do: give --max-rate RATE (0 or unlimited lifts the throttle), or --wait to watch rebuilds".into()),
         },
+        AdminCommand::Scrub(args) => {
+            let max_rate = args.max_rate.and_then(|r| r.0);
+            let resp = request(&args.control.control, &Request::Scrub { repair: args.repair, max_rate }).await?;
+            print_message(&resp);
+            if args.wait {
+                wait_for_scrub(&args.control.control).await
+            } else {
+                Ok(0)
+            }
+        }
         AdminCommand::Fault(args) => {
             if !args.clear && !args.read_errors && !args.write_errors && args.delay_ms == 0 {
                 return Err("no fault given: use --read-errors, --write-errors or --delay-ms MS, or --clear".into());
@@ -241,6 +269,52 @@ fn absolute(path: &Path) -> Result<PathBuf, String> {
     };
     let parent = parent.canonicalize().map_err(|e| format!("cannot resolve {}: {e}", parent.display()))?;
     Ok(parent.join(name))
+}
+
+/// Polls the daemon until the scrub finishes, then prints its summary; exit 1 if stripes were
+/// left inconsistent or the scrub stopped early.
+async fn wait_for_scrub(control: &Path) -> Result<i32, String> {
+    let mut client = Client::connect(control).await.map_err(|e| e.to_string())?;
+    let mut last_line = Instant::now();
+    loop {
+        let resp = client.request(&Request::Status).await.map_err(|e| e.to_string())?;
+        let scrub = resp.status.and_then(|s| s.scrub).ok_or("the daemon reports no scrub")?;
+        if !scrub.running {
+            println!("{}", format_scrub(&scrub));
+            let clean = scrub.error.is_none() && scrub.mismatches == scrub.repaired;
+            return Ok(if clean { 0 } else { 1 });
+        }
+        if last_line.elapsed() >= PLAIN_INTERVAL {
+            println!("scrub: {}/{} stripes, {} mismatches so far", scrub.stripes_done, scrub.stripes_total, scrub.mismatches);
+            last_line = Instant::now();
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// One line summing up a scrub.
+pub fn format_scrub(s: &crate::control::api::ScrubStatus) -> String {
+    let state = if s.running {
+        "running"
+    } else if s.error.is_some() {
+        "stopped"
+    } else {
+        "finished"
+    };
+    let mut line = format!(
+        "scrub {state}{}: {}/{} stripes, {} read, {} mismatches, {} repaired, {} skipped (lost member)",
+        if s.repair { " (repair)" } else { "" },
+        s.stripes_done,
+        s.stripes_total,
+        format_size(s.bytes_checked),
+        s.mismatches,
+        s.repaired,
+        s.skipped
+    );
+    if let Some(e) = &s.error {
+        let _ = write!(line, "; stopped: {e}");
+    }
+    line
 }
 
 /// Polls the daemon until no rebuild is running, drawing progress; the exit code says whether
@@ -484,6 +558,9 @@ pub fn format_status(st: &VolumeStatus) -> String {
         _ => {
             let _ = writeln!(out, "rebuild throttle: unlimited");
         }
+    }
+    if let Some(scrub) = &st.scrub {
+        let _ = writeln!(out, "{}", format_scrub(scrub));
     }
     out
 }

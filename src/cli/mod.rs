@@ -157,15 +157,7 @@ fn level_shape(level: LevelArg, data: Option<u32>, parity: Option<u32>, members:
 
 async fn create(args: CreateArgs) -> Result<i32, String> {
     let (level, ec) = level_shape(args.level, args.data, args.parity, args.members.len())?;
-    let spec = CreateSpec {
-        level,
-        ec,
-        chunk: args.chunk,
-        member_size: args.size,
-        name: args.name,
-        members: args.members,
-        force: args.force,
-    };
+    let spec = CreateSpec { level, ec, chunk: args.chunk, member_size: args.size, name: args.name, members: args.members, force: args.force };
     let created = volume::create(&spec, &engine()?).await.map_err(|e| e.to_string())?;
     let g = created.geometry;
     println!(

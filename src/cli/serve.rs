@@ -5,9 +5,9 @@ use super::size::format_size;
 use crate::buf::AlignedBuf;
 use crate::control::api::{Admin, Request, Response};
 use crate::control::server::ControlServer;
-use crate::member::FaultPlan;
 use crate::layout::Level;
 use crate::member::Access;
+use crate::member::FaultPlan;
 use crate::meta::superblock::uuid_string;
 use crate::nbd::{self, BlockDevice, DeviceError, ListenAddr, ServerConfig};
 use crate::uring::Engine;
@@ -105,6 +105,7 @@ impl Admin for VolumeAdmin {
             Request::Add { path } => answer(v.add(&path).await),
             Request::Replace { old, new } => answer(v.replace(&old, &new).await),
             Request::Rebuild { max_rate } => Response::ok(v.set_max_rebuild_rate(max_rate)),
+            Request::Scrub { repair, max_rate } => answer(v.start_scrub(repair, max_rate)),
             Request::Fault { member, fault } => {
                 if !self.allow_faults {
                     return Response::refused("fault injection is off; start the daemon with --allow-fault-injection");

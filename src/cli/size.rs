@@ -30,7 +30,7 @@ pub fn format_size(n: u64) -> String {
     for (name, unit) in UNITS {
         if n >= unit {
             let v = n as f64 / unit as f64;
-            return if n % unit == 0 { format!("{} {name}", n / unit) } else { format!("{v:.2} {name}") };
+            return if n.is_multiple_of(unit) { format!("{} {name}", n / unit) } else { format!("{v:.2} {name}") };
         }
     }
     format!("{n} B")

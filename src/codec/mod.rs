@@ -49,8 +49,7 @@ impl RsCodec {
         let mut out = vec![[0u8; 1]; parity];
         for i in 0..data {
             unit[i][0] = 1;
-            rs.encode_sep(&unit, &mut out)
-                .map_err(CodecError::ReedSolomon)?;
+            rs.encode_sep(&unit, &mut out).map_err(CodecError::ReedSolomon)?;
             unit[i][0] = 0;
             for (j, o) in out.iter().enumerate() {
                 coef[j * data + i] = o[0];
@@ -68,19 +67,9 @@ impl RsCodec {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CodecError {
     #[error("expected {expected} {what}, got {got}")]
-    ShardCount {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
-    #[error(
-        "shard {index} is {got} bytes but shard 0 is {expected}; all shards must be equal length"
-    )]
-    LengthMismatch {
-        index: usize,
-        expected: usize,
-        got: usize,
-    },
+    ShardCount { what: &'static str, expected: usize, got: usize },
+    #[error("shard {index} is {got} bytes but shard 0 is {expected}; all shards must be equal length")]
+    LengthMismatch { index: usize, expected: usize, got: usize },
     #[error("data shard index {shard} out of range: the codec has {data} data shards")]
     BadShard { shard: usize, data: usize },
     #[error("{missing} shards are missing but only {parity} can be rebuilt")]
@@ -95,11 +84,7 @@ fn check_count(what: &'static str, expected: usize, got: usize) -> Result<(), Co
     if expected == got {
         Ok(())
     } else {
-        Err(CodecError::ShardCount {
-            what,
-            expected,
-            got,
-        })
+        Err(CodecError::ShardCount { what, expected, got })
     }
 }
 
@@ -108,11 +93,7 @@ fn check_count(what: &'static str, expected: usize, got: usize) -> Result<(), Co
 fn common_len(first: usize, lens: impl IntoIterator<Item = usize>) -> Result<usize, CodecError> {
     for (index, got) in lens.into_iter().enumerate() {
         if got != first {
-            return Err(CodecError::LengthMismatch {
-                index,
-                expected: first,
-                got,
-            });
+            return Err(CodecError::LengthMismatch { index, expected: first, got });
         }
     }
     Ok(first)
@@ -165,12 +146,7 @@ impl Codec {
     pub fn encode(&self, data: &[&[u8]], parity: &mut [&mut [u8]]) -> Result<(), CodecError> {
         check_count("data shards", self.data_shards(), data.len())?;
         check_count("parity shards", self.parity_shards(), parity.len())?;
-        let len = common_len(
-            data[0].len(),
-            data.iter()
-                .map(|d| d.len())
-                .chain(parity.iter().map(|p| p.len())),
-        )?;
+        let len = common_len(data[0].len(), data.iter().map(|d| d.len()).chain(parity.iter().map(|p| p.len())))?;
         // The RS crate rejects empty shards; an empty range has trivially correct parity.
         if len == 0 {
             return Ok(());
@@ -183,10 +159,7 @@ impl Codec {
                 }
             }
             Codec::Xor { .. } => xor_sum(parity[0], data.iter().copied()),
-            Codec::ReedSolomon(rs) => rs
-                .rs
-                .encode_sep(data, parity)
-                .map_err(CodecError::ReedSolomon)?,
+            Codec::ReedSolomon(rs) => rs.rs.encode_sep(data, parity).map_err(CodecError::ReedSolomon)?,
         }
         Ok(())
     }
@@ -194,12 +167,7 @@ impl Codec {
     /// Read-modify-write: `delta` = old_data XOR new_data of data shard `shard`; updates every
     /// parity slice in place so it matches the new data. Cost is m passes over `delta`,
     /// independent of k, which is why partial writes prefer it when few shards change.
-    pub fn update_parity(
-        &self,
-        shard: usize,
-        delta: &[u8],
-        parity: &mut [&mut [u8]],
-    ) -> Result<(), CodecError> {
+    pub fn update_parity(&self, shard: usize, delta: &[u8], parity: &mut [&mut [u8]]) -> Result<(), CodecError> {
         let k = self.data_shards();
         if shard >= k {
             return Err(CodecError::BadShard { shard, data: k });
@@ -230,21 +198,14 @@ impl Codec {
     /// Rebuilds the missing shards in place: `shards` holds k+m equal-length slices (data then
     /// parity), `present[i]` says which are valid. Fails, touching nothing, if more than m are
     /// missing.
-    pub fn reconstruct(
-        &self,
-        shards: &mut [&mut [u8]],
-        present: &[bool],
-    ) -> Result<(), CodecError> {
+    pub fn reconstruct(&self, shards: &mut [&mut [u8]], present: &[bool]) -> Result<(), CodecError> {
         let n = self.total_shards();
         check_count("shards", n, shards.len())?;
         check_count("present flags", n, present.len())?;
         let len = common_len(shards[0].len(), shards.iter().map(|s| s.len()))?;
         let missing = present.iter().filter(|p| !**p).count();
         if missing > self.parity_shards() {
-            return Err(CodecError::TooManyMissing {
-                missing,
-                parity: self.parity_shards(),
-            });
+            return Err(CodecError::TooManyMissing { missing, parity: self.parity_shards() });
         }
         if missing == 0 || len == 0 {
             return Ok(());
@@ -269,18 +230,13 @@ impl Codec {
             }
             Codec::ReedSolomon(rs) => if n <= INLINE_SHARDS {
                 let mut it = shards.iter_mut().zip(present);
-                let mut tab: [(&mut [u8], bool); INLINE_SHARDS] =
-                    std::array::from_fn(|_| match it.next() {
-                        Some((s, &p)) => (&mut **s, p),
-                        None => (Default::default(), false),
-                    });
+                let mut tab: [(&mut [u8], bool); INLINE_SHARDS] = std::array::from_fn(|_| match it.next() {
+                    Some((s, &p)) => (&mut **s, p),
+                    None => (Default::default(), false),
+                });
                 rs.rs.reconstruct(&mut tab[..n])
             } else {
-                let mut tab: Vec<(&mut [u8], bool)> = shards
-                    .iter_mut()
-                    .zip(present)
-                    .map(|(s, &p)| (&mut **s, p))
-                    .collect();
+                let mut tab: Vec<(&mut [u8], bool)> = shards.iter_mut().zip(present).map(|(s, &p)| (&mut **s, p)).collect();
                 rs.rs.reconstruct(&mut tab)
             }
             .map_err(CodecError::ReedSolomon)?,
@@ -322,19 +278,12 @@ impl Codec {
                         None => &[],
                     });
                     let mut bufs = scratch.chunks_mut(seg).take(m);
-                    let mut ptab: [&mut [u8]; INLINE_SHARDS] =
-                        std::array::from_fn(|_| match bufs.next() {
-                            Some(b) => &mut b[..end - off],
-                            None => Default::default(),
-                        });
-                    rs.rs
-                        .encode_sep(&dtab[..k], &mut ptab[..m])
-                        .map_err(CodecError::ReedSolomon)?;
-                    if ptab[..m]
-                        .iter()
-                        .zip(parity)
-                        .any(|(want, have)| **want != have[off..end])
-                    {
+                    let mut ptab: [&mut [u8]; INLINE_SHARDS] = std::array::from_fn(|_| match bufs.next() {
+                        Some(b) => &mut b[..end - off],
+                        None => Default::default(),
+                    });
+                    rs.rs.encode_sep(&dtab[..k], &mut ptab[..m]).map_err(CodecError::ReedSolomon)?;
+                    if ptab[..m].iter().zip(parity).any(|(want, have)| **want != have[off..end]) {
                         return Ok(false);
                     }
                 }
@@ -347,13 +296,7 @@ impl Codec {
 
 impl fmt::Debug for Codec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Codec::{}({}+{})",
-            self.name(),
-            self.data_shards(),
-            self.parity_shards()
-        )
+        write!(f, "Codec::{}({}+{})", self.name(), self.data_shards(), self.parity_shards())
     }
 }
 

@@ -29,14 +29,10 @@ fn any_redundant_codec() -> impl Strategy<Value = Codec> {
 fn encoded() -> impl Strategy<Value = (Codec, Vec<Vec<u8>>)> {
     (any_redundant_codec(), 1usize..1500).prop_flat_map(|(c, len)| {
         let k = c.data_shards();
-        (
-            Just(c),
-            proptest::collection::vec(proptest::collection::vec(any::<u8>(), len), k),
-        )
-            .prop_map(|(c, data)| {
-                let shards = encode_all(&c, data);
-                (c, shards)
-            })
+        (Just(c), proptest::collection::vec(proptest::collection::vec(any::<u8>(), len), k)).prop_map(|(c, data)| {
+            let shards = encode_all(&c, data);
+            (c, shards)
+        })
     })
 }
 
@@ -56,9 +52,7 @@ fn encode_all(c: &Codec, mut data: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 fn pick_distinct(n: usize, count: usize, mut seed: u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
     for i in 0..count {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let j = i + (seed >> 33) as usize % (n - i);
         idx.swap(i, j);
     }
@@ -186,22 +180,12 @@ fn raid0_has_nothing_to_do() {
     assert!(c.verify(&refs(&data)).unwrap());
     let mut work = data.to_vec();
     c.reconstruct(&mut muts(&mut work), &[true; 3]).unwrap();
-    assert_eq!(
-        c.reconstruct(&mut muts(&mut work), &[true, false, true]),
-        Err(CodecError::TooManyMissing {
-            missing: 1,
-            parity: 0
-        })
-    );
+    assert_eq!(c.reconstruct(&mut muts(&mut work), &[true, false, true]), Err(CodecError::TooManyMissing { missing: 1, parity: 0 }));
 }
 
 #[test]
 fn empty_ranges_are_fine() {
-    for c in [
-        codec(Level::Ec, 4, 2),
-        codec(Level::Raid5, 3, 1),
-        codec(Level::Raid1, 1, 2),
-    ] {
+    for c in [codec(Level::Ec, 4, 2), codec(Level::Raid5, 3, 1), codec(Level::Raid1, 1, 2)] {
         let mut shards = vec![Vec::new(); c.total_shards()];
         let k = c.data_shards();
         let (d, p) = shards.split_at_mut(k);
@@ -225,19 +209,9 @@ fn misuse_is_an_error_not_a_panic() {
     assert_eq!(e.to_string(), "expected 2 parity shards, got 1");
     let mut short = vec![vec![0u8; 8], vec![0u8; 7]];
     let e = c.encode(&refs(&d), &mut muts(&mut short)).unwrap_err();
-    assert_eq!(
-        e,
-        CodecError::LengthMismatch {
-            index: 5,
-            expected: 8,
-            got: 7
-        }
-    );
+    assert_eq!(e, CodecError::LengthMismatch { index: 5, expected: 8, got: 7 });
     let e = c.update_parity(4, &[0; 8], &mut muts(&mut p)).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "data shard index 4 out of range: the codec has 4 data shards"
-    );
+    assert_eq!(e.to_string(), "data shard index 4 out of range: the codec has 4 data shards");
     let e = c.update_parity(0, &[0; 9], &mut muts(&mut p)).unwrap_err();
     assert!(matches!(e, CodecError::LengthMismatch { .. }));
     let mut all = vec![vec![0u8; 8]; 6];
@@ -245,18 +219,14 @@ fn misuse_is_an_error_not_a_panic() {
     assert_eq!(e.to_string(), "expected 6 present flags, got 5");
     assert!(c.verify(&refs(&all[..5])).is_err());
     let mirror = codec(Level::Raid1, 1, 1);
-    assert!(mirror
-        .update_parity(1, &[0; 8], &mut muts(&mut p[..1]))
-        .is_err());
+    assert!(mirror.update_parity(1, &[0; 8], &mut muts(&mut p[..1])).is_err());
 }
 
 #[test]
 fn wide_stripes_use_the_heap_fallback() {
     // 30+4 exceeds INLINE_SHARDS, exercising the Vec paths of reconstruct and verify.
     let c = codec(Level::Ec, 30, 4);
-    let data: Vec<Vec<u8>> = (0..30)
-        .map(|i| (0..777).map(|j| (i * 31 + j) as u8).collect())
-        .collect();
+    let data: Vec<Vec<u8>> = (0..30).map(|i| (0..777).map(|j| (i * 31 + j) as u8).collect()).collect();
     let shards = encode_all(&c, data);
     assert!(c.verify(&refs(&shards)).unwrap());
     let mut bad = shards.clone();
@@ -277,9 +247,7 @@ fn verify_spans_many_scratch_segments() {
     // Longer than VERIFY_SCRATCH so a flip in the last segment must still be found.
     for c in [codec(Level::Ec, 3, 3), codec(Level::Raid5, 4, 1)] {
         let len = VERIFY_SCRATCH * 2 + 100;
-        let data: Vec<Vec<u8>> = (0..c.data_shards())
-            .map(|i| vec![i as u8 + 1; len])
-            .collect();
+        let data: Vec<Vec<u8>> = (0..c.data_shards()).map(|i| vec![i as u8 + 1; len]).collect();
         let mut shards = encode_all(&c, data);
         assert!(c.verify(&refs(&shards)).unwrap());
         let last = shards.len() - 1;
@@ -292,9 +260,7 @@ fn verify_spans_many_scratch_segments() {
 fn rs_coefficients_are_nonzero() {
     // An MDS code has no zero in its parity matrix; a zero would mean extraction went wrong.
     let c = codec(Level::Ec, 4, 2);
-    let Codec::ReedSolomon(rs) = &c else {
-        panic!("not RS")
-    };
+    let Codec::ReedSolomon(rs) = &c else { panic!("not RS") };
     for j in 0..2 {
         for i in 0..4 {
             assert_ne!(rs.coefficient(j, i), 0);
@@ -314,10 +280,7 @@ fn crc32c_known_answer() {
     // RFC 3720 B.4 test vector: 32 bytes of zeros.
     assert_eq!(crc32c(&[0u8; 32]), 0x8a91_36aa);
     assert_eq!(crc32c(b"123456789"), 0xe306_9283);
-    assert_eq!(
-        crc32c_append(crc32c(b"1234"), b"56789"),
-        crc32c(b"123456789")
-    );
+    assert_eq!(crc32c_append(crc32c(b"1234"), b"56789"), crc32c(b"123456789"));
 }
 
 /// The alternative RMW the brief mentions: encode a zero stripe with `delta` at `shard`
@@ -326,9 +289,7 @@ fn update_parity_by_zero_encode(c: &Codec, shard: usize, delta: &[u8], parity: &
     let k = c.data_shards();
     let zeros = vec![0u8; delta.len()];
     let mut scratch = vec![vec![0u8; delta.len()]; c.parity_shards()];
-    let data: Vec<&[u8]> = (0..k)
-        .map(|i| if i == shard { delta } else { &zeros[..] })
-        .collect();
+    let data: Vec<&[u8]> = (0..k).map(|i| if i == shard { delta } else { &zeros[..] }).collect();
     c.encode(&data, &mut muts(&mut scratch)).unwrap();
     for (p, s) in parity.iter_mut().zip(&scratch) {
         xor_into(p, s);
@@ -361,88 +322,33 @@ fn codec_throughput() {
             f();
         }
         let s = t.elapsed().as_secs_f64();
-        println!(
-            "{what:<44} {:>7.2} GB/s",
-            (bytes_per_iter * iters) as f64 / s / 1e9
-        );
+        println!("{what:<44} {:>7.2} GB/s", (bytes_per_iter * iters) as f64 / s / 1e9);
     }
-    let data: Vec<Vec<u8>> = (0..4)
-        .map(|i| (0..SHARD).map(|j| (i * 131 + j * 7) as u8).collect())
-        .collect();
+    let data: Vec<Vec<u8>> = (0..4).map(|i| (0..SHARD).map(|j| (i * 131 + j * 7) as u8).collect()).collect();
     let d = refs(&data);
     let mut p1 = vec![vec![0u8; SHARD]; 1];
     let mut p2 = vec![vec![0u8; SHARD]; 2];
 
     let mut dst = vec![0u8; SHARD];
-    report(
-        "xor_into (dst ^= src), 64 KiB",
-        SHARD,
-        ITERS * 4,
-        &mut || xor_into(&mut dst, &data[0]),
-    );
-    report(
-        "xor_kernel without AVX2 dispatch, 64 KiB",
-        SHARD,
-        ITERS * 4,
-        &mut || xor_kernel(&mut dst, &data[0]),
-    );
+    report("xor_into (dst ^= src), 64 KiB", SHARD, ITERS * 4, &mut || xor_into(&mut dst, &data[0]));
+    report("xor_kernel without AVX2 dispatch, 64 KiB", SHARD, ITERS * 4, &mut || xor_kernel(&mut dst, &data[0]));
     let xor = codec(Level::Raid5, 4, 1);
-    report(
-        "XOR 4+1 encode, 64 KiB shards",
-        4 * SHARD,
-        ITERS,
-        &mut || xor.encode(&d, &mut muts(&mut p1)).unwrap(),
-    );
+    report("XOR 4+1 encode, 64 KiB shards", 4 * SHARD, ITERS, &mut || xor.encode(&d, &mut muts(&mut p1)).unwrap());
     let rs = codec(Level::Ec, 4, 2);
-    report(
-        "RS 4+2 encode, 64 KiB shards",
-        4 * SHARD,
-        ITERS,
-        &mut || rs.encode(&d, &mut muts(&mut p2)).unwrap(),
-    );
+    report("RS 4+2 encode, 64 KiB shards", 4 * SHARD, ITERS, &mut || rs.encode(&d, &mut muts(&mut p2)).unwrap());
     rs.encode(&d, &mut muts(&mut p2)).unwrap();
     let all: Vec<Vec<u8>> = data.iter().chain(&p2).cloned().collect();
-    report(
-        "RS 4+2 verify, 64 KiB shards",
-        4 * SHARD,
-        ITERS,
-        &mut || assert!(rs.verify(&refs(&all)).unwrap()),
-    );
+    report("RS 4+2 verify, 64 KiB shards", 4 * SHARD, ITERS, &mut || assert!(rs.verify(&refs(&all)).unwrap()));
     let mut work = all.clone();
     let present = [false, true, true, false, true, true];
-    report(
-        "RS 4+2 reconstruct 2 lost, 64 KiB shards",
-        2 * SHARD,
-        ITERS,
-        &mut || rs.reconstruct(&mut muts(&mut work), &present).unwrap(),
-    );
+    report("RS 4+2 reconstruct 2 lost, 64 KiB shards", 2 * SHARD, ITERS, &mut || rs.reconstruct(&mut muts(&mut work), &present).unwrap());
     // RMW of one data shard: delta bytes processed per second.
-    report(
-        "RS 4+2 update_parity (coefficient), 64 KiB",
-        SHARD,
-        ITERS,
-        &mut || rs.update_parity(1, &data[3], &mut muts(&mut p2)).unwrap(),
-    );
-    report(
-        "RS 4+2 update_parity (zero-stripe encode)",
-        SHARD,
-        ITERS,
-        &mut || update_parity_by_zero_encode(&rs, 1, &data[3], &mut muts(&mut p2)),
-    );
+    report("RS 4+2 update_parity (coefficient), 64 KiB", SHARD, ITERS, &mut || rs.update_parity(1, &data[3], &mut muts(&mut p2)).unwrap());
+    report("RS 4+2 update_parity (zero-stripe encode)", SHARD, ITERS, &mut || update_parity_by_zero_encode(&rs, 1, &data[3], &mut muts(&mut p2)));
     let rs8 = codec(Level::Ec, 8, 3);
     let mut p3 = vec![vec![0u8; SHARD]; 3];
-    report(
-        "RS 8+3 update_parity (coefficient), 64 KiB",
-        SHARD,
-        ITERS,
-        &mut || rs8.update_parity(1, &data[3], &mut muts(&mut p3)).unwrap(),
-    );
-    report(
-        "RS 8+3 update_parity (zero-stripe encode)",
-        SHARD,
-        ITERS / 4,
-        &mut || update_parity_by_zero_encode(&rs8, 1, &data[3], &mut muts(&mut p3)),
-    );
+    report("RS 8+3 update_parity (coefficient), 64 KiB", SHARD, ITERS, &mut || rs8.update_parity(1, &data[3], &mut muts(&mut p3)).unwrap());
+    report("RS 8+3 update_parity (zero-stripe encode)", SHARD, ITERS / 4, &mut || update_parity_by_zero_encode(&rs8, 1, &data[3], &mut muts(&mut p3)));
     let big = vec![0xa5u8; 1 << 20];
     report("crc32c, 1 MiB", big.len(), ITERS / 4, &mut || {
         std::hint::black_box(crc32c(&big));

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::path::PathBuf;
 
-pub use crate::volume::status::{RebuildStatus, SlotStatus, VolumeState, VolumeStatus};
+pub use crate::volume::status::{RebuildStatus, ScrubStatus, SlotStatus, VolumeState, VolumeStatus};
 
 /// A request from the CLI. Members are named by path or by slot number (`"2"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -13,15 +13,35 @@ pub use crate::volume::status::{RebuildStatus, SlotStatus, VolumeState, VolumeSt
 pub enum Request {
     Status,
     /// Administratively fail a member.
-    Fail { member: String },
+    Fail {
+        member: String,
+    },
     /// Add a member: fills a failed slot (and rebuilds it) or waits as a hot spare.
-    Add { path: PathBuf },
+    Add {
+        path: PathBuf,
+    },
     /// Rebuild `new` while `old` keeps serving, then retire `old`.
-    Replace { old: String, new: PathBuf },
+    Replace {
+        old: String,
+        new: PathBuf,
+    },
     /// Throttle rebuilds; `None` (or 0) means unlimited.
-    Rebuild { max_rate: Option<u64> },
+    Rebuild {
+        max_rate: Option<u64>,
+    },
+    /// Verify every stripe's parity or mirrors in the background; with `repair`, rewrite what
+    /// disagrees. `max_rate` limits bytes read per second.
+    Scrub {
+        #[serde(default)]
+        repair: bool,
+        #[serde(default)]
+        max_rate: Option<u64>,
+    },
     /// Test hook: inject faults into a member's I/O (refused unless the daemon allows it).
-    Fault { member: String, fault: FaultSpec },
+    Fault {
+        member: String,
+        fault: FaultSpec,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -276,7 +276,7 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
 }
 
 /// The `cmd` tags of [`Request`]; a test keeps this list in step with the enum.
-const KNOWN_COMMANDS: &[&str] = &["status", "fail", "add", "replace", "rebuild", "fault"];
+const KNOWN_COMMANDS: &[&str] = &["status", "fail", "add", "replace", "rebuild", "scrub", "fault"];
 
 async fn write_response<W: AsyncWriteExt + Unpin>(write: &mut W, response: &Response) -> io::Result<()> {
     let mut out = match serde_json::to_vec(response) {

@@ -67,6 +67,7 @@ pub(crate) fn sample_status() -> VolumeStatus {
             eta_seconds: Some(7.68),
         }],
         max_rebuild_rate: Some(200 << 20),
+        scrub: None,
     }
 }
 

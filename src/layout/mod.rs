@@ -51,9 +51,7 @@ impl Level {
 
     /// Inverse of [`Level::name`] (case-insensitive).
     pub fn from_name(name: &str) -> Option<Level> {
-        Level::ALL
-            .into_iter()
-            .find(|l| l.name().eq_ignore_ascii_case(name))
+        Level::ALL.into_iter().find(|l| l.name().eq_ignore_ascii_case(name))
     }
 }
 
@@ -107,11 +105,7 @@ pub enum LayoutError {
     #[error("ec needs at least 1 parity shard, got {0}")]
     TooFewParityShards(u32),
     #[error("ec with {data} data + {parity} parity shards needs {} members, got {members}", *data as u64 + *parity as u64)]
-    ShardCountMismatch {
-        data: u32,
-        parity: u32,
-        members: u32,
-    },
+    ShardCountMismatch { data: u32, parity: u32, members: u32 },
     #[error("chunk size {0} is not a multiple of 4096 bytes")]
     ChunkNotAligned(u64),
     #[error("chunk size {0} is outside 4 KiB ..= 64 MiB")]
@@ -137,13 +131,7 @@ impl Geometry {
     /// data+parity == members, members <= 255 total; chunk a multiple of 4096 and between
     /// 4 KiB and 64 MiB; member_data_bytes >= chunk.
     /// `ec` is Some((k, m)) only for Level::Ec. stripes = member_data_bytes / chunk (remainder unused).
-    pub fn new(
-        level: Level,
-        members: u32,
-        ec: Option<(u32, u32)>,
-        chunk: u64,
-        member_data_bytes: u64,
-    ) -> Result<Geometry, LayoutError> {
+    pub fn new(level: Level, members: u32, ec: Option<(u32, u32)>, chunk: u64, member_data_bytes: u64) -> Result<Geometry, LayoutError> {
         let min = match level {
             Level::Raid0 | Level::Raid1 => 2,
             Level::Raid5 => 3,
@@ -159,11 +147,7 @@ impl Geometry {
                     return Err(LayoutError::TooFewParityShards(m));
                 }
                 if k as u64 + m as u64 != members as u64 {
-                    return Err(LayoutError::ShardCountMismatch {
-                        data: k,
-                        parity: m,
-                        members,
-                    });
+                    return Err(LayoutError::ShardCountMismatch { data: k, parity: m, members });
                 }
                 (k, m)
             }
@@ -173,11 +157,7 @@ impl Geometry {
             (Level::Raid5, None) => (members.saturating_sub(1), 1),
         };
         if members < min {
-            return Err(LayoutError::TooFewMembers {
-                level,
-                min,
-                got: members,
-            });
+            return Err(LayoutError::TooFewMembers { level, min, got: members });
         }
         if members > MAX_MEMBERS {
             return Err(LayoutError::TooManyMembers(members));
@@ -189,25 +169,12 @@ impl Geometry {
             return Err(LayoutError::ChunkOutOfRange(chunk));
         }
         if member_data_bytes < chunk {
-            return Err(LayoutError::MemberTooSmall {
-                member_bytes: member_data_bytes,
-                chunk,
-            });
+            return Err(LayoutError::MemberTooSmall { member_bytes: member_data_bytes, chunk });
         }
         let stripes = member_data_bytes / chunk;
         // volume_size() and map() do unchecked arithmetic up to stripes*k*chunk; prove it fits here.
-        stripes
-            .checked_mul(chunk)
-            .and_then(|b| b.checked_mul(data_shards as u64))
-            .ok_or(LayoutError::VolumeTooLarge)?;
-        Ok(Geometry {
-            level,
-            members,
-            data_shards,
-            parity_shards,
-            chunk,
-            stripes,
-        })
+        stripes.checked_mul(chunk).and_then(|b| b.checked_mul(data_shards as u64)).ok_or(LayoutError::VolumeTooLarge)?;
+        Ok(Geometry { level, members, data_shards, parity_shards, chunk, stripes })
     }
 
     /// k * chunk (raid1: chunk).
@@ -266,11 +233,7 @@ impl Geometry {
     pub fn locate(&self, offset: u64) -> Location {
         let sb = self.stripe_data_bytes();
         let within = offset % sb;
-        Location {
-            stripe: offset / sb,
-            shard: (within / self.chunk) as u32,
-            chunk_offset: within % self.chunk,
-        }
+        Location { stripe: offset / sb, shard: (within / self.chunk) as u32, chunk_offset: within % self.chunk }
     }
 
     /// Splits a volume extent into per-stripe pieces in ascending order. Caller guarantees
@@ -289,18 +252,10 @@ impl Geometry {
         while pos < end {
             let loc = self.locate(pos);
             let piece_len = (self.chunk - loc.chunk_offset).min(end - pos);
-            let piece = Piece {
-                shard: loc.shard,
-                chunk_offset: loc.chunk_offset,
-                len: piece_len,
-                buf_offset: pos - offset,
-            };
+            let piece = Piece { shard: loc.shard, chunk_offset: loc.chunk_offset, len: piece_len, buf_offset: pos - offset };
             match out.last_mut() {
                 Some(se) if se.stripe == loc.stripe => se.pieces.push(piece),
-                _ => out.push(StripeExtent {
-                    stripe: loc.stripe,
-                    pieces: vec![piece],
-                }),
+                _ => out.push(StripeExtent { stripe: loc.stripe, pieces: vec![piece] }),
             }
             pos += piece_len;
         }
@@ -310,16 +265,7 @@ impl Geometry {
 
 impl fmt::Display for Geometry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {}+{} on {} members, chunk {} B, {} stripes",
-            self.level,
-            self.data_shards,
-            self.parity_shards,
-            self.members,
-            self.chunk,
-            self.stripes
-        )
+        write!(f, "{} {}+{} on {} members, chunk {} B, {} stripes", self.level, self.data_shards, self.parity_shards, self.members, self.chunk, self.stripes)
     }
 }
 

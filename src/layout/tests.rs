@@ -3,21 +3,13 @@ use proptest::prelude::*;
 
 /// Small geometries so byte-exhaustive checks stay fast.
 fn small_geometry() -> impl Strategy<Value = Geometry> {
-    let level = prop_oneof![
-        Just(Level::Raid0),
-        Just(Level::Raid1),
-        Just(Level::Raid5),
-        Just(Level::Ec)
-    ];
-    (level, 2u32..7, 1u32..4, 1u64..3, 1u64..5, 0u64..4096).prop_filter_map(
-        "invalid shape",
-        |(level, n, m, chunk_pages, stripes, slack)| {
-            let ec = (level == Level::Ec).then_some((n, m));
-            let members = if level == Level::Ec { n + m } else { n };
-            let chunk = chunk_pages * 4096;
-            Geometry::new(level, members, ec, chunk, stripes * chunk + slack).ok()
-        },
-    )
+    let level = prop_oneof![Just(Level::Raid0), Just(Level::Raid1), Just(Level::Raid5), Just(Level::Ec)];
+    (level, 2u32..7, 1u32..4, 1u64..3, 1u64..5, 0u64..4096).prop_filter_map("invalid shape", |(level, n, m, chunk_pages, stripes, slack)| {
+        let ec = (level == Level::Ec).then_some((n, m));
+        let members = if level == Level::Ec { n + m } else { n };
+        let chunk = chunk_pages * 4096;
+        Geometry::new(level, members, ec, chunk, stripes * chunk + slack).ok()
+    })
 }
 
 fn geometry_and_extent() -> impl Strategy<Value = (Geometry, u64, u64)> {
@@ -35,10 +27,7 @@ fn place(g: &Geometry, offset: u64) -> (u32, u64) {
     let p = ext[0].pieces[0];
     assert_eq!(p.len, 1);
     assert_eq!(p.buf_offset, 0);
-    (
-        g.shard_member(ext[0].stripe, p.shard),
-        g.member_offset(ext[0].stripe) + p.chunk_offset,
-    )
+    (g.shard_member(ext[0].stripe, p.shard), g.member_offset(ext[0].stripe) + p.chunk_offset)
 }
 
 proptest! {
@@ -157,11 +146,7 @@ fn raid5_is_left_symmetric() {
     let want = [[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1], [3, 0, 1, 2]];
     for (s, row) in want.iter().enumerate() {
         for (m, &shard) in row.iter().enumerate() {
-            assert_eq!(
-                g.member_shard(s as u64, m as u32),
-                shard,
-                "stripe {s} member {m}"
-            );
+            assert_eq!(g.member_shard(s as u64, m as u32), shard, "stripe {s} member {m}");
         }
     }
     // Parity walks left: members 3, 2, 1, 0, 3, ...
@@ -188,32 +173,16 @@ fn shapes_per_level() {
 
 #[test]
 fn rejects_bad_shapes_with_clear_messages() {
-    let err = |l, n, ec, chunk, bytes| {
-        Geometry::new(l, n, ec, chunk, bytes)
-            .unwrap_err()
-            .to_string()
-    };
-    assert_eq!(
-        err(Level::Raid5, 2, None, 4096, 1 << 20),
-        "raid5 needs at least 3 members, got 2"
-    );
-    assert_eq!(
-        err(Level::Raid0, 1, None, 4096, 1 << 20),
-        "raid0 needs at least 2 members, got 1"
-    );
-    assert_eq!(
-        err(Level::Raid1, 1, None, 4096, 1 << 20),
-        "raid1 needs at least 2 members, got 1"
-    );
+    let err = |l, n, ec, chunk, bytes| Geometry::new(l, n, ec, chunk, bytes).unwrap_err().to_string();
+    assert_eq!(err(Level::Raid5, 2, None, 4096, 1 << 20), "raid5 needs at least 3 members, got 2");
+    assert_eq!(err(Level::Raid0, 1, None, 4096, 1 << 20), "raid0 needs at least 2 members, got 1");
+    assert_eq!(err(Level::Raid1, 1, None, 4096, 1 << 20), "raid1 needs at least 2 members, got 1");
     assert!(err(Level::Raid5, 256, None, 4096, 1 << 20).contains("at most 255"));
     assert!(err(Level::Ec, 6, None, 4096, 1 << 20).contains("--data"));
     assert!(err(Level::Raid5, 4, Some((3, 1)), 4096, 1 << 20).contains("only apply to level ec"));
     assert!(err(Level::Ec, 3, Some((1, 2)), 4096, 1 << 20).contains("at least 2 data"));
     assert!(err(Level::Ec, 3, Some((3, 0)), 4096, 1 << 20).contains("at least 1 parity"));
-    assert_eq!(
-        err(Level::Ec, 5, Some((4, 2)), 4096, 1 << 20),
-        "ec with 4 data + 2 parity shards needs 6 members, got 5"
-    );
+    assert_eq!(err(Level::Ec, 5, Some((4, 2)), 4096, 1 << 20), "ec with 4 data + 2 parity shards needs 6 members, got 5");
     assert!(err(Level::Ec, 200, Some((150, 150)), 4096, 1 << 20).contains("needs 300"));
     assert!(err(Level::Raid0, 2, None, 5000, 1 << 20).contains("multiple of 4096"));
     assert!(err(Level::Raid0, 2, None, 0, 1 << 20).contains("outside"));
@@ -246,31 +215,10 @@ fn map_examples() {
     assert_eq!(
         ext,
         vec![
-            StripeExtent {
-                stripe: 0,
-                pieces: vec![Piece {
-                    shard: 1,
-                    chunk_offset: 100,
-                    len: 3996,
-                    buf_offset: 0
-                }],
-            },
+            StripeExtent { stripe: 0, pieces: vec![Piece { shard: 1, chunk_offset: 100, len: 3996, buf_offset: 0 }] },
             StripeExtent {
                 stripe: 1,
-                pieces: vec![
-                    Piece {
-                        shard: 0,
-                        chunk_offset: 0,
-                        len: 4096,
-                        buf_offset: 3996
-                    },
-                    Piece {
-                        shard: 1,
-                        chunk_offset: 0,
-                        len: 100,
-                        buf_offset: 8092
-                    },
-                ],
+                pieces: vec![Piece { shard: 0, chunk_offset: 0, len: 4096, buf_offset: 3996 }, Piece { shard: 1, chunk_offset: 0, len: 100, buf_offset: 8092 },],
             },
         ]
     );

@@ -8,15 +8,15 @@ mod faults;
 pub use faults::FaultPlan;
 
 use crate::buf::{AlignedBuf, ALIGN};
-use faults::Faults;
-use std::sync::atomic::{AtomicU64, Ordering};
 use crate::meta::superblock::{Superblock, SuperblockError, SUPERBLOCK_OFFSETS, SUPERBLOCK_SIZE};
 use crate::uring::{BufRange, Engine};
+use faults::Faults;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -187,11 +187,7 @@ impl Member {
 
     async fn transfer(&self, op: &'static str, offset: u64, buf: BufRange) -> Result<(), MemberError> {
         let is_write = op == "write";
-        let (count, errors) = if is_write {
-            (&self.stats.writes, &self.stats.write_errors)
-        } else {
-            (&self.stats.reads, &self.stats.read_errors)
-        };
+        let (count, errors) = if is_write { (&self.stats.writes, &self.stats.write_errors) } else { (&self.stats.reads, &self.stats.read_errors) };
         count.fetch_add(1, Ordering::Relaxed);
         let result = self.transfer_once(op, offset, buf).await;
         if result.is_err() {
@@ -237,13 +233,7 @@ impl Member {
             Some(e) => Err(e),
             None => self.engine.fsync(self.file.clone(), true).await,
         };
-        result.map_err(|source| MemberError::Io {
-            path: self.path.clone(),
-            op: "fdatasync",
-            offset: 0,
-            len: 0,
-            source,
-        })
+        result.map_err(|source| MemberError::Io { path: self.path.clone(), op: "fdatasync", offset: 0, len: 0, source })
     }
 
     /// Reads both superblock copies and returns the newest valid one.

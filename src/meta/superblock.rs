@@ -200,13 +200,18 @@ impl Superblock {
         if member_index >= members {
             return Err(SuperblockError::Malformed("member index beyond member count"));
         }
+        let data_offset = u64_at(b, 88);
+        if data_offset < SUPERBLOCK_OFFSETS[1] + SUPERBLOCK_SIZE as u64 || data_offset % SUPERBLOCK_SIZE as u64 != 0 {
+            return Err(SuperblockError::Malformed("data area overlaps the superblocks or is unaligned"));
+        }
+        if data_offset.checked_add(u64_at(b, 96)).is_none() {
+            return Err(SuperblockError::Malformed("data area extends beyond 2^64 bytes"));
+        }
         let name_len = u32_at(b, 120) as usize;
         if name_len > MAX_NAME_LEN {
             return Err(SuperblockError::Malformed("name too long"));
         }
-        let name = std::str::from_utf8(&b[124..124 + name_len])
-            .map_err(|_| SuperblockError::Malformed("name is not UTF-8"))?
-            .to_string();
+        let name = std::str::from_utf8(&b[124..124 + name_len]).map_err(|_| SuperblockError::Malformed("name is not UTF-8"))?.to_string();
         let mut slots = Vec::with_capacity(members as usize);
         for i in 0..members as usize {
             slots.push(SlotState::from_code(b[192 + i]).ok_or(SuperblockError::Malformed("unknown slot state"))?);
@@ -222,7 +227,7 @@ impl Superblock {
             data_shards: u32_at(b, 72),
             parity_shards: u32_at(b, 76),
             chunk: u64_at(b, 80),
-            data_offset: u64_at(b, 88),
+            data_offset,
             member_data_bytes: u64_at(b, 96),
             volume_size: u64_at(b, 104),
             member_index,

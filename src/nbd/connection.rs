@@ -85,16 +85,9 @@ struct Reply {
 
 impl Reply {
     fn error(session: &Session, cookie: u64, code: ErrorCode, msg: &str) -> Self {
-        let head = if session.structured {
-            proto::encode_chunk_error(cookie, code.as_u32(), msg)
-        } else {
-            proto::encode_simple_reply(cookie, code.as_u32()).to_vec()
-        };
-        Reply {
-            head,
-            data: None,
-            _permits: Vec::new(),
-        }
+        let head =
+            if session.structured { proto::encode_chunk_error(cookie, code.as_u32(), msg) } else { proto::encode_simple_reply(cookie, code.as_u32()).to_vec() };
+        Reply { head, data: None, _permits: Vec::new() }
     }
 }
 
@@ -182,13 +175,7 @@ where
 }
 
 fn is_disconnect(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::UnexpectedEof
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted
-    )
+    matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted)
 }
 
 fn protocol_error(msg: impl Into<String>) -> io::Error {
@@ -197,12 +184,7 @@ fn protocol_error(msg: impl Into<String>) -> io::Error {
 
 /// The reader loop. Returns why it stopped: `Ok` for an orderly end (DISC, shutdown drained,
 /// writer gone), `Err` for hang-ups and protocol violations.
-async fn read_requests<R, D>(
-    mut rd: BufReader<R>,
-    tx: mpsc::Sender<Reply>,
-    ctx: &ConnContext<D>,
-    session: Session,
-) -> io::Result<&'static str>
+async fn read_requests<R, D>(mut rd: BufReader<R>, tx: mpsc::Sender<Reply>, ctx: &ConnContext<D>, session: Session) -> io::Result<&'static str>
 where
     R: AsyncRead + Unpin,
     D: BlockDevice,
@@ -243,10 +225,7 @@ where
             return Err(protocol_error(why));
         }
         if *shutdown.borrow() {
-            verdict = Err(Rejection::Reply(
-                ErrorCode::Shutdown,
-                "server is shutting down",
-            ));
+            verdict = Err(Rejection::Reply(ErrorCode::Shutdown, "server is shutting down"));
         }
 
         // The payload is consumed before anything else so the stream stays in sync whatever we
@@ -277,11 +256,7 @@ where
         if let Err(Rejection::Reply(code, msg)) = verdict {
             debug!(cookie = req.cookie, command = %req.command, offset = req.offset,
                    length = req.length, %code, "rejecting request: {msg}");
-            if tx
-                .send(Reply::error(&session, req.cookie, code, msg))
-                .await
-                .is_err()
-            {
+            if tx.send(Reply::error(&session, req.cookie, code, msg)).await.is_err() {
                 return Ok("reply writer stopped");
             }
             continue;
@@ -289,25 +264,13 @@ where
 
         // Semaphores are never closed, so acquisition only fails if that invariant is broken.
         let mut permits = Vec::with_capacity(2);
-        permits.push(
-            in_flight
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| io::Error::other("in-flight semaphore closed"))?,
-        );
+        permits.push(in_flight.clone().acquire_owned().await.map_err(|_| io::Error::other("in-flight semaphore closed"))?);
         let cost = match req.command {
             Command::Read | Command::Write => req.length.min(ctx.max_in_flight_bytes),
             _ => 0,
         };
         if cost > 0 {
-            permits.push(
-                bytes_budget
-                    .clone()
-                    .acquire_many_owned(cost)
-                    .await
-                    .map_err(|_| io::Error::other("byte budget semaphore closed"))?,
-            );
+            permits.push(bytes_budget.clone().acquire_many_owned(cost).await.map_err(|_| io::Error::other("byte budget semaphore closed"))?);
         }
 
         let device = ctx.device.clone();
@@ -327,11 +290,7 @@ where
 }
 
 /// Runs a validated request against the device.
-async fn execute<D: BlockDevice>(
-    device: &D,
-    req: &Request,
-    payload: Option<AlignedBuf>,
-) -> Result<Option<AlignedBuf>, DeviceError> {
+async fn execute<D: BlockDevice>(device: &D, req: &Request, payload: Option<AlignedBuf>) -> Result<Option<AlignedBuf>, DeviceError> {
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     match req.command {
         Command::Read => {
@@ -339,40 +298,23 @@ async fn execute<D: BlockDevice>(
             let buf = device.read(req.offset, want).await?;
             if buf.len() != want {
                 // Sending a short buffer would desynchronise the client's stream.
-                return Err(DeviceError::Io(format!(
-                    "device returned {} bytes for a {want}-byte read",
-                    buf.len()
-                )));
+                return Err(DeviceError::Io(format!("device returned {} bytes for a {want}-byte read", buf.len())));
             }
             Ok(Some(buf))
         }
         Command::Write => {
-            let data =
-                payload.ok_or_else(|| DeviceError::Invalid("write without payload".into()))?;
+            let data = payload.ok_or_else(|| DeviceError::Invalid("write without payload".into()))?;
             device.write(req.offset, data, fua).await.map(|()| None)
         }
         Command::Flush => device.flush().await.map(|()| None),
-        Command::Trim => device
-            .trim(req.offset, u64::from(req.length))
-            .await
-            .map(|()| None),
-        Command::WriteZeroes => device
-            .write_zeroes(req.offset, u64::from(req.length), fua)
-            .await
-            .map(|()| None),
+        Command::Trim => device.trim(req.offset, u64::from(req.length)).await.map(|()| None),
+        Command::WriteZeroes => device.write_zeroes(req.offset, u64::from(req.length), fua).await.map(|()| None),
         // check_request never passes these through.
-        Command::Disc | Command::Other(_) => {
-            Err(DeviceError::Invalid("unsupported command".into()))
-        }
+        Command::Disc | Command::Other(_) => Err(DeviceError::Invalid("unsupported command".into())),
     }
 }
 
-fn encode_result(
-    session: &Session,
-    req: &Request,
-    result: Result<Option<AlignedBuf>, DeviceError>,
-    permits: Vec<OwnedSemaphorePermit>,
-) -> Reply {
+fn encode_result(session: &Session, req: &Request, result: Result<Option<AlignedBuf>, DeviceError>, permits: Vec<OwnedSemaphorePermit>) -> Reply {
     let mut reply = match result {
         Err(e) => {
             let code = error_code(&e);
@@ -383,28 +325,16 @@ fn encode_result(
         Ok(data) => {
             let head = match (&data, session.structured) {
                 (Some(buf), true) => {
-                    match proto::encode_offset_data_header(req.cookie, true, req.offset, buf.len())
-                    {
+                    match proto::encode_offset_data_header(req.cookie, true, req.offset, buf.len()) {
                         Some(h) => h.to_vec(),
                         // Unreachable for validated reads (1..=32 MiB); fail safe regardless.
-                        None => {
-                            return Reply::error(
-                                session,
-                                req.cookie,
-                                ErrorCode::Io,
-                                "cannot encode read reply",
-                            )
-                        }
+                        None => return Reply::error(session, req.cookie, ErrorCode::Io, "cannot encode read reply"),
                     }
                 }
                 (None, true) => proto::encode_chunk_none(req.cookie).to_vec(),
                 (_, false) => proto::encode_simple_reply(req.cookie, 0).to_vec(),
             };
-            Reply {
-                head,
-                data,
-                _permits: Vec::new(),
-            }
+            Reply { head, data, _permits: Vec::new() }
         }
     };
     reply._permits = permits;

@@ -29,27 +29,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Preferred I/O size to advertise (NBD_INFO_BLOCK_SIZE preferred), a power of two >= 4096.
     fn preferred_block_size(&self) -> u32;
     /// Reads `len` bytes at `offset`; the returned buffer has exactly `len` bytes.
-    fn read(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> impl Future<Output = Result<AlignedBuf, DeviceError>> + Send;
+    fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<AlignedBuf, DeviceError>> + Send;
     /// Writes `data` at `offset`. With `fua`, answers only once the data is durable.
-    fn write(
-        &self,
-        offset: u64,
-        data: AlignedBuf,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> impl Future<Output = Result<(), DeviceError>> + Send;
     /// Makes every write completed before this call durable.
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
     /// Advisory discard; the device may leave the data in place.
     fn trim(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), DeviceError>> + Send;
     /// Writes `len` zero bytes at `offset`. With `fua`, durable before answering.
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = Result<(), DeviceError>> + Send;
 }

@@ -31,20 +31,14 @@ impl ExportInfo {
 
     /// The `NBD_INFO_BLOCK_SIZE` triple.
     pub fn block_sizes(&self) -> (u32, u32, u32) {
-        (
-            proto::MIN_BLOCK_SIZE,
-            sanitize_preferred(self.preferred_block_size),
-            proto::MAX_PAYLOAD,
-        )
+        (proto::MIN_BLOCK_SIZE, sanitize_preferred(self.preferred_block_size), proto::MAX_PAYLOAD)
     }
 }
 
 /// The spec requires preferred to be a power of two between the minimum and maximum. A device
 /// reporting something else would make strict clients refuse the export, so fall back to 4096.
 pub fn sanitize_preferred(preferred: u32) -> u32 {
-    if preferred.is_power_of_two()
-        && (proto::MIN_BLOCK_SIZE..=proto::MAX_PAYLOAD).contains(&preferred)
-    {
+    if preferred.is_power_of_two() && (proto::MIN_BLOCK_SIZE..=proto::MAX_PAYLOAD).contains(&preferred) {
         preferred
     } else {
         4096
@@ -79,19 +73,13 @@ pub async fn negotiate<S>(stream: &mut S, export: &ExportInfo) -> Result<Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    stream
-        .write_all(&proto::encode_server_greeting(
-            proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
-        ))
-        .await?;
+    stream.write_all(&proto::encode_server_greeting(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES)).await?;
     stream.flush().await?;
 
     let client_flags = stream.read_u32().await?;
     let known = proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES;
     if client_flags & !known != 0 {
-        return Err(HandshakeError::Protocol(format!(
-            "unknown client flags {client_flags:#x}"
-        )));
+        return Err(HandshakeError::Protocol(format!("unknown client flags {client_flags:#x}")));
     }
     // A client that omits C_FIXED_NEWSTYLE still gets fixed-newstyle replies (the spec lets us
     // honour it anyway); such a client only ever sends EXPORT_NAME, which is answered the same.
@@ -106,21 +94,14 @@ where
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Outcome::Aborted),
             Err(e) => return Err(e.into()),
         }
-        let opt = proto::parse_option_header(&header)
-            .ok_or_else(|| HandshakeError::Protocol("bad option magic".into()))?;
+        let opt = proto::parse_option_header(&header).ok_or_else(|| HandshakeError::Protocol("bad option magic".into()))?;
         if opt.length > MAX_OPTION_LEN {
-            return Err(HandshakeError::Protocol(format!(
-                "option {} has absurd length {}",
-                opt.option, opt.length
-            )));
+            return Err(HandshakeError::Protocol(format!("option {} has absurd length {}", opt.option, opt.length)));
         }
         let mut data = vec![0u8; opt.length as usize];
         stream.read_exact(&mut data).await?;
 
-        let session = Session {
-            size: export.size,
-            structured,
-        };
+        let session = Session { size: export.size, structured };
         let mut out: Vec<u8> = Vec::new();
         let mut reply = |reply_type: u32, payload: &[u8]| {
             if let Some(bytes) = proto::encode_option_reply(opt.option, reply_type, payload) {
@@ -131,15 +112,9 @@ where
         match opt.option {
             proto::OPT_EXPORT_NAME => {
                 if !export.matches(&data) {
-                    return Err(HandshakeError::UnknownExport(
-                        String::from_utf8_lossy(&data).into_owned(),
-                    ));
+                    return Err(HandshakeError::UnknownExport(String::from_utf8_lossy(&data).into_owned()));
                 }
-                let bytes = proto::encode_export_name_reply(
-                    export.size,
-                    session.transmission_flags(),
-                    no_zeroes,
-                );
+                let bytes = proto::encode_export_name_reply(export.size, session.transmission_flags(), no_zeroes);
                 stream.write_all(&bytes).await?;
                 stream.flush().await?;
                 return Ok(Outcome::Transmission(session));
@@ -160,20 +135,14 @@ where
                 }
             }
             proto::OPT_STARTTLS => {
-                reply(
-                    proto::REP_ERR_POLICY,
-                    b"TLS is not supported by this server",
-                );
+                reply(proto::REP_ERR_POLICY, b"TLS is not supported by this server");
             }
             proto::OPT_STRUCTURED_REPLY => {
                 if data.is_empty() {
                     structured = true;
                     reply(proto::REP_ACK, &[]);
                 } else {
-                    reply(
-                        proto::REP_ERR_INVALID,
-                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
-                    );
+                    reply(proto::REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data");
                 }
             }
             proto::OPT_INFO | proto::OPT_GO => match proto::parse_info_request(&data) {
@@ -184,27 +153,18 @@ where
                 }
                 Some(req) => {
                     let flags = session.transmission_flags();
-                    reply(
-                        proto::REP_INFO,
-                        &proto::encode_info_export(export.size, flags),
-                    );
+                    reply(proto::REP_INFO, &proto::encode_info_export(export.size, flags));
                     if req.requests.contains(&proto::INFO_NAME) {
                         let name = proto::encode_info_string(proto::INFO_NAME, &export.name);
                         reply(proto::REP_INFO, &name);
                     }
-                    if req.requests.contains(&proto::INFO_DESCRIPTION)
-                        && !export.description.is_empty()
-                    {
-                        let d =
-                            proto::encode_info_string(proto::INFO_DESCRIPTION, &export.description);
+                    if req.requests.contains(&proto::INFO_DESCRIPTION) && !export.description.is_empty() {
+                        let d = proto::encode_info_string(proto::INFO_DESCRIPTION, &export.description);
                         reply(proto::REP_INFO, &d);
                     }
                     // Always sent: it tells clients our 32 MiB limit even if they did not ask.
                     let (min, pref, max) = export.block_sizes();
-                    reply(
-                        proto::REP_INFO,
-                        &proto::encode_info_block_size(min, pref, max),
-                    );
+                    reply(proto::REP_INFO, &proto::encode_info_block_size(min, pref, max));
                     reply(proto::REP_ACK, &[]);
                     if opt.option == proto::OPT_GO {
                         stream.write_all(&out).await?;

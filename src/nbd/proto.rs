@@ -341,12 +341,7 @@ impl Session {
     /// structured replies (the spec forbids it otherwise); we honour DF trivially because every
     /// read is answered with a single data chunk.
     pub fn transmission_flags(&self) -> u16 {
-        let mut f = FLAG_HAS_FLAGS
-            | FLAG_SEND_FLUSH
-            | FLAG_SEND_FUA
-            | FLAG_SEND_TRIM
-            | FLAG_SEND_WRITE_ZEROES
-            | FLAG_CAN_MULTI_CONN;
+        let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_CAN_MULTI_CONN;
         if self.structured {
             f |= FLAG_SEND_DF;
         }
@@ -391,21 +386,14 @@ pub fn check_request(req: &Request, session: &Session) -> Result<(), Rejection> 
         _ => {}
     }
     if req.flags & !allowed != 0 {
-        return Err(Reply(
-            ErrorCode::Invalid,
-            "command flag not supported for this command",
-        ));
+        return Err(Reply(ErrorCode::Invalid, "command flag not supported for this command"));
     }
 
     if req.length > MAX_PAYLOAD {
         match kind {
             Command::Write => return Err(Rejection::Disconnect("write payload exceeds 32 MiB")),
             Command::Read => {
-                let code = if session.structured {
-                    ErrorCode::Overflow
-                } else {
-                    ErrorCode::Invalid
-                };
+                let code = if session.structured { ErrorCode::Overflow } else { ErrorCode::Invalid };
                 return Err(Reply(code, "read length exceeds maximum block size"));
             }
             _ => {}
@@ -414,10 +402,7 @@ pub fn check_request(req: &Request, session: &Session) -> Result<(), Rejection> 
 
     if kind == Command::Flush {
         if req.offset != 0 || req.length != 0 {
-            return Err(Reply(
-                ErrorCode::Invalid,
-                "flush offset and length must be zero",
-            ));
+            return Err(Reply(ErrorCode::Invalid, "flush offset and length must be zero"));
         }
         return Ok(());
     }
@@ -425,15 +410,10 @@ pub fn check_request(req: &Request, session: &Session) -> Result<(), Rejection> 
     if req.length == 0 {
         return Err(Reply(ErrorCode::Invalid, "zero-length request"));
     }
-    let in_range = req
-        .offset
-        .checked_add(u64::from(req.length))
-        .is_some_and(|end| end <= session.size);
+    let in_range = req.offset.checked_add(u64::from(req.length)).is_some_and(|end| end <= session.size);
     if !in_range {
         return Err(match kind {
-            Command::Write | Command::WriteZeroes => {
-                Reply(ErrorCode::NoSpace, "write beyond the end of the export")
-            }
+            Command::Write | Command::WriteZeroes => Reply(ErrorCode::NoSpace, "write beyond the end of the export"),
             _ => Reply(ErrorCode::Invalid, "request beyond the end of the export"),
         });
     }
@@ -454,12 +434,7 @@ pub fn encode_simple_reply(cookie: u64, error: u32) -> [u8; SIMPLE_REPLY_LEN] {
 }
 
 /// A structured reply chunk header announcing `payload_len` bytes of payload.
-pub fn encode_chunk_header(
-    flags: u16,
-    kind: u16,
-    cookie: u64,
-    payload_len: u32,
-) -> [u8; STRUCTURED_HEADER_LEN] {
+pub fn encode_chunk_header(flags: u16, kind: u16, cookie: u64, payload_len: u32) -> [u8; STRUCTURED_HEADER_LEN] {
     let mut b = [0u8; STRUCTURED_HEADER_LEN];
     b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
     b[4..6].copy_from_slice(&flags.to_be_bytes());
@@ -477,24 +452,14 @@ pub fn encode_chunk_none(cookie: u64) -> [u8; STRUCTURED_HEADER_LEN] {
 /// Everything of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk up to its data: the chunk header and the
 /// 64-bit offset. `data_len` bytes must follow. Returns `None` if the chunk cannot describe that
 /// much data (more than 2^32 - 9 bytes), or if it would describe none (the spec requires >= 1).
-pub fn encode_offset_data_header(
-    cookie: u64,
-    done: bool,
-    offset: u64,
-    data_len: usize,
-) -> Option<[u8; STRUCTURED_HEADER_LEN + 8]> {
+pub fn encode_offset_data_header(cookie: u64, done: bool, offset: u64, data_len: usize) -> Option<[u8; STRUCTURED_HEADER_LEN + 8]> {
     if data_len == 0 {
         return None;
     }
     let payload_len = u32::try_from(data_len).ok()?.checked_add(8)?;
     let flags = if done { REPLY_FLAG_DONE } else { 0 };
     let mut b = [0u8; STRUCTURED_HEADER_LEN + 8];
-    b[..STRUCTURED_HEADER_LEN].copy_from_slice(&encode_chunk_header(
-        flags,
-        REPLY_TYPE_OFFSET_DATA,
-        cookie,
-        payload_len,
-    ));
+    b[..STRUCTURED_HEADER_LEN].copy_from_slice(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_DATA, cookie, payload_len));
     b[STRUCTURED_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
     Some(b)
 }
@@ -520,12 +485,7 @@ pub fn encode_chunk_error(cookie: u64, error: u32, message: &str) -> Vec<u8> {
     let msg = &msg.as_bytes()[..usize::from(msg_len)];
     let payload_len = 6 + u32::from(msg_len);
     let mut b = Vec::with_capacity(STRUCTURED_HEADER_LEN + payload_len as usize);
-    b.extend_from_slice(&encode_chunk_header(
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        cookie,
-        payload_len,
-    ));
+    b.extend_from_slice(&encode_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, payload_len));
     b.extend_from_slice(&error.to_be_bytes());
     b.extend_from_slice(&msg_len.to_be_bytes());
     b.extend_from_slice(msg);
@@ -557,10 +517,7 @@ pub fn parse_option_header(buf: &[u8]) -> Option<OptionHeader> {
     if be_u64(buf, 0)? != IHAVEOPT {
         return None;
     }
-    Some(OptionHeader {
-        option: be_u32(buf, 8)?,
-        length: be_u32(buf, 12)?,
-    })
+    Some(OptionHeader { option: be_u32(buf, 8)?, length: be_u32(buf, 12)? })
 }
 
 /// Encodes an option request header (for tests and clients).
@@ -597,11 +554,7 @@ pub fn parse_option_reply_header(buf: &[u8]) -> Option<OptionReplyHeader> {
     if be_u64(buf, 0)? != OPTION_REPLY_MAGIC {
         return None;
     }
-    Some(OptionReplyHeader {
-        option: be_u32(buf, 8)?,
-        reply_type: be_u32(buf, 12)?,
-        length: be_u32(buf, 16)?,
-    })
+    Some(OptionReplyHeader { option: be_u32(buf, 8)?, reply_type: be_u32(buf, 12)?, length: be_u32(buf, 16)? })
 }
 
 /// The reply to `NBD_OPT_EXPORT_NAME`: size, transmission flags and, unless the client negotiated
@@ -673,9 +626,7 @@ pub fn parse_info_request(data: &[u8]) -> Option<InfoRequest> {
     if data.len() != list_start.checked_add(count.checked_mul(2)?)? {
         return None;
     }
-    let requests = (0..count)
-        .map(|i| be_u16(data, list_start + 2 * i))
-        .collect::<Option<Vec<u16>>>()?;
+    let requests = (0..count).map(|i| be_u16(data, list_start + 2 * i)).collect::<Option<Vec<u16>>>()?;
     Some(InfoRequest { name, requests })
 }
 
@@ -701,27 +652,15 @@ mod tests {
     }
 
     fn req(command: Command, flags: u16, offset: u64, length: u32) -> Request {
-        Request {
-            flags,
-            command,
-            cookie: 7,
-            offset,
-            length,
-        }
+        Request { flags, command, cookie: 7, offset, length }
     }
 
     #[test]
     fn request_bytes_match_spec_layout() {
-        let r = Request {
-            flags: 0x0102,
-            command: Command::Write,
-            cookie: 0x1122_3344_5566_7788,
-            offset: 0x0a0b_0c0d_0e0f_1011,
-            length: 0x1213_1415,
-        };
+        let r = Request { flags: 0x0102, command: Command::Write, cookie: 0x1122_3344_5566_7788, offset: 0x0a0b_0c0d_0e0f_1011, length: 0x1213_1415 };
         let expect: [u8; 28] = [
-            0x25, 0x60, 0x95, 0x13, 0x01, 0x02, 0x00, 0x01, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66,
-            0x77, 0x88, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15,
+            0x25, 0x60, 0x95, 0x13, 0x01, 0x02, 0x00, 0x01, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, 0x10, 0x11,
+            0x12, 0x13, 0x14, 0x15,
         ];
         assert_eq!(encode_request(&r), expect);
         assert_eq!(parse_request(&expect), Ok(r));
@@ -739,10 +678,7 @@ mod tests {
     fn unknown_command_is_parsed_then_rejected() {
         let r = parse_request(&encode_request(&req(Command::Other(5), 0, 0, 512))).unwrap();
         assert_eq!(r.command, Command::Other(5));
-        assert_eq!(
-            check_request(&r, &session(1 << 20, false)),
-            Err(Rejection::Reply(ErrorCode::Invalid, "unsupported command"))
-        );
+        assert_eq!(check_request(&r, &session(1 << 20, false)), Err(Rejection::Reply(ErrorCode::Invalid, "unsupported command")));
     }
 
     #[test]
@@ -759,13 +695,7 @@ mod tests {
         // In range, at the very end.
         assert_eq!(code(req(Read, 0, (1 << 20) - 512, 512), &s), None);
         assert_eq!(code(req(Write, CMD_FLAG_FUA, 0, 4096), &s), None);
-        assert_eq!(
-            code(
-                req(WriteZeroes, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE, 0, 1 << 20),
-                &s
-            ),
-            None
-        );
+        assert_eq!(code(req(WriteZeroes, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE, 0, 1 << 20), &s), None);
         assert_eq!(code(req(Flush, 0, 0, 0), &s), None);
         assert_eq!(code(req(Flush, CMD_FLAG_FUA, 0, 0), &s), None);
         assert_eq!(code(req(Disc, 0xffff, 5, 5), &s), None);
@@ -773,28 +703,16 @@ mod tests {
         assert_eq!(code(req(Read, 0, 1 << 20, 1), &s), Some(Ok(Invalid)));
         assert_eq!(code(req(Trim, 0, (1 << 20) - 1, 2), &s), Some(Ok(Invalid)));
         assert_eq!(code(req(Write, 0, 1 << 20, 1), &s), Some(Ok(NoSpace)));
-        assert_eq!(
-            code(req(WriteZeroes, 0, u64::MAX, 1), &s),
-            Some(Ok(NoSpace))
-        );
-        assert_eq!(
-            code(req(Read, 0, u64::MAX, u32::MAX), &s),
-            Some(Ok(Invalid))
-        );
+        assert_eq!(code(req(WriteZeroes, 0, u64::MAX, 1), &s), Some(Ok(NoSpace)));
+        assert_eq!(code(req(Read, 0, u64::MAX, u32::MAX), &s), Some(Ok(Invalid)));
         // Zero length.
         assert_eq!(code(req(Read, 0, 0, 0), &s), Some(Ok(Invalid)));
         assert_eq!(code(req(Write, 0, 0, 0), &s), Some(Ok(Invalid)));
         // Flags.
-        assert_eq!(
-            code(req(Write, CMD_FLAG_NO_HOLE, 0, 1), &s),
-            Some(Ok(Invalid))
-        );
+        assert_eq!(code(req(Write, CMD_FLAG_NO_HOLE, 0, 1), &s), Some(Ok(Invalid)));
         assert_eq!(code(req(Read, CMD_FLAG_DF, 0, 1), &s), Some(Ok(Invalid)));
         assert_eq!(code(req(Read, CMD_FLAG_DF, 0, 1), &st), None);
-        assert_eq!(
-            code(req(WriteZeroes, CMD_FLAG_FAST_ZERO, 0, 1), &s),
-            Some(Ok(Invalid))
-        );
+        assert_eq!(code(req(WriteZeroes, CMD_FLAG_FAST_ZERO, 0, 1), &s), Some(Ok(Invalid)));
         assert_eq!(code(req(Read, 1 << 15, 0, 1), &s), Some(Ok(Invalid)));
         // Flush must have zero offset/length.
         assert_eq!(code(req(Flush, 0, 0, 1), &s), Some(Ok(Invalid)));
@@ -811,14 +729,8 @@ mod tests {
 
     #[test]
     fn reply_encodings() {
-        assert_eq!(
-            encode_simple_reply(0x0102_0304_0506_0708, 22),
-            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 1, 2, 3, 4, 5, 6, 7, 8]
-        );
-        assert_eq!(
-            encode_chunk_none(9),
-            [0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0]
-        );
+        assert_eq!(encode_simple_reply(0x0102_0304_0506_0708, 22), [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(encode_chunk_none(9), [0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0]);
         let h = encode_offset_data_header(9, true, 0x1000, 512).unwrap();
         assert_eq!(&h[4..8], &[0, 1, 0, 1]);
         assert_eq!(&h[16..20], &520u32.to_be_bytes());
@@ -846,14 +758,7 @@ mod tests {
         assert_eq!(encode_export_name_reply(4096, 1, false).len(), 134);
         assert_eq!(encode_export_name_reply(4096, 1, true).len(), 10);
         let r = encode_option_reply(OPT_LIST, REP_ACK, &[]).unwrap();
-        assert_eq!(
-            parse_option_reply_header(&r),
-            Some(OptionReplyHeader {
-                option: OPT_LIST,
-                reply_type: REP_ACK,
-                length: 0
-            })
-        );
+        assert_eq!(parse_option_reply_header(&r), Some(OptionReplyHeader { option: OPT_LIST, reply_type: REP_ACK, length: 0 }));
         assert_eq!(encode_info_export(1 << 30, 0x1ff)[..2], [0, 0]);
         assert_eq!(encode_info_block_size(512, 65536, MAX_PAYLOAD)[..2], [0, 3]);
     }
@@ -861,13 +766,7 @@ mod tests {
     #[test]
     fn info_request_lengths_must_be_exact() {
         let good = encode_info_request(b"vol0", &[INFO_NAME, INFO_BLOCK_SIZE]);
-        assert_eq!(
-            parse_info_request(&good),
-            Some(InfoRequest {
-                name: b"vol0".to_vec(),
-                requests: vec![INFO_NAME, INFO_BLOCK_SIZE]
-            })
-        );
+        assert_eq!(parse_info_request(&good), Some(InfoRequest { name: b"vol0".to_vec(), requests: vec![INFO_NAME, INFO_BLOCK_SIZE] }));
         let mut extra = good.clone();
         extra.push(0);
         assert_eq!(parse_info_request(&extra), None);

@@ -46,10 +46,7 @@ impl FromStr for ListenAddr {
     /// `unix:/run/nbraid.sock`, `tcp:127.0.0.1:10809`, `tcp:[::1]:10809`, `tcp:localhost:10809`.
     /// Host names are resolved here (first address wins) so the result is a concrete address.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason: &str| ParseListenAddrError {
-            input: s.to_string(),
-            reason: reason.to_string(),
-        };
+        let err = |reason: &str| ParseListenAddrError { input: s.to_string(), reason: reason.to_string() };
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(err("empty socket path"));
@@ -60,12 +57,8 @@ impl FromStr for ListenAddr {
             if let Ok(addr) = hostport.parse::<SocketAddr>() {
                 return Ok(ListenAddr::Tcp(addr));
             }
-            let (host, port) = hostport
-                .rsplit_once(':')
-                .ok_or_else(|| err("missing :PORT"))?;
-            let port: u16 = port
-                .parse()
-                .map_err(|_| err("port is not a number 0-65535"))?;
+            let (host, port) = hostport.rsplit_once(':').ok_or_else(|| err("missing :PORT"))?;
+            let port: u16 = port.parse().map_err(|_| err("port is not a number 0-65535"))?;
             if host.is_empty() {
                 return Err(err("empty host"));
             }
@@ -110,10 +103,7 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     pub fn new(export_name: impl Into<String>) -> Self {
-        ServerConfig {
-            export_name: export_name.into(),
-            ..Self::default()
-        }
+        ServerConfig { export_name: export_name.into(), ..Self::default() }
     }
 }
 
@@ -169,16 +159,10 @@ async fn clear_stale_socket(path: &Path) -> io::Result<()> {
         Err(e) => return Err(e),
     };
     if !meta.file_type().is_socket() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket", path.display()),
-        ));
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists and is not a socket", path.display())));
     }
     match tokio::net::UnixStream::connect(path).await {
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!("another server is listening on {}", path.display()),
-        )),
+        Ok(_) => Err(io::Error::new(io::ErrorKind::AddrInUse, format!("another server is listening on {}", path.display()))),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             debug!("removing stale socket {}", path.display());
             std::fs::remove_file(path)
@@ -197,11 +181,7 @@ pub struct Server<D> {
 impl<D: BlockDevice> Server<D> {
     /// Binds every address. On error nothing stays bound (Unix socket files created so far are
     /// removed again).
-    pub async fn bind(
-        device: Arc<D>,
-        config: ServerConfig,
-        addrs: &[ListenAddr],
-    ) -> io::Result<Self> {
+    pub async fn bind(device: Arc<D>, config: ServerConfig, addrs: &[ListenAddr]) -> io::Result<Self> {
         let mut listeners = Vec::with_capacity(addrs.len());
         for addr in addrs {
             let with_addr = |e: io::Error| io::Error::new(e.kind(), format!("{addr}: {e}"));
@@ -210,23 +190,14 @@ impl<D: BlockDevice> Server<D> {
                     clear_stale_socket(path).await.map_err(with_addr)?;
                     let l = UnixListener::bind(path).map_err(with_addr)?;
                     let m = std::fs::symlink_metadata(path).map_err(with_addr)?;
-                    let file = SocketFile {
-                        path: path.clone(),
-                        id: (m.dev(), m.ino()),
-                    };
+                    let file = SocketFile { path: path.clone(), id: (m.dev(), m.ino()) };
                     Listener::Unix(l, file)
                 }
-                ListenAddr::Tcp(sa) => {
-                    Listener::Tcp(TcpListener::bind(sa).await.map_err(with_addr)?)
-                }
+                ListenAddr::Tcp(sa) => Listener::Tcp(TcpListener::bind(sa).await.map_err(with_addr)?),
             };
             listeners.push(l);
         }
-        Ok(Server {
-            device,
-            config,
-            listeners,
-        })
+        Ok(Server { device, config, listeners })
     }
 
     /// The bound addresses (TCP port 0 resolved to the real port).
@@ -245,11 +216,7 @@ impl<D: BlockDevice> Server<D> {
     /// `ESHUTDOWN`), closes every connection, and returns once all connection tasks have ended.
     /// Flushing the device is left to the caller.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> io::Result<ServeStats> {
-        let Server {
-            device,
-            config,
-            listeners,
-        } = self;
+        let Server { device, config, listeners } = self;
         let export = Arc::new(ExportInfo {
             name: config.export_name.clone(),
             description: config.description.clone(),
@@ -325,15 +292,8 @@ impl<D: BlockDevice> Server<D> {
         // send_replace works even when no receiver is currently waiting.
         stop_tx.send_replace(true);
         let _ = all_done.recv().await;
-        let stats = ServeStats {
-            connections: counters.connections.load(Ordering::Relaxed),
-            requests: counters.requests.load(Ordering::Relaxed),
-        };
-        info!(
-            connections = stats.connections,
-            requests = stats.requests,
-            "all connections closed"
-        );
+        let stats = ServeStats { connections: counters.connections.load(Ordering::Relaxed), requests: counters.requests.load(Ordering::Relaxed) };
+        info!(connections = stats.connections, requests = stats.requests, "all connections closed");
         Ok(stats)
     }
 }
@@ -365,8 +325,5 @@ pub async fn serve<D: BlockDevice>(
     listeners: Vec<ListenAddr>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<ServeStats> {
-    Server::bind(device, config, &listeners)
-        .await?
-        .run(shutdown)
-        .await
+    Server::bind(device, config, &listeners).await?.run(shutdown).await
 }

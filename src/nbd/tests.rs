@@ -40,10 +40,7 @@ struct MemDevice {
 
 impl MemDevice {
     fn new() -> Self {
-        MemDevice {
-            data: Mutex::new(vec![0; SIZE as usize]),
-            ..Default::default()
-        }
+        MemDevice { data: Mutex::new(vec![0; SIZE as usize]), ..Default::default() }
     }
 
     fn bytes(&self, off: u64, len: usize) -> Vec<u8> {
@@ -128,10 +125,7 @@ struct Harness {
 }
 
 fn config() -> ServerConfig {
-    ServerConfig {
-        description: DESCRIPTION.into(),
-        ..ServerConfig::new(NAME)
-    }
+    ServerConfig { description: DESCRIPTION.into(), ..ServerConfig::new(NAME) }
 }
 
 async fn start(dev: MemDevice) -> Harness {
@@ -142,21 +136,13 @@ async fn start_with(dev: MemDevice, cfg: ServerConfig) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nbd.sock");
     let dev = Arc::new(dev);
-    let server = Server::bind(dev.clone(), cfg, &[ListenAddr::Unix(path.clone())])
-        .await
-        .unwrap();
+    let server = Server::bind(dev.clone(), cfg, &[ListenAddr::Unix(path.clone())]).await.unwrap();
     assert_eq!(server.local_addrs(), vec![ListenAddr::Unix(path.clone())]);
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async {
         let _ = rx.await;
     }));
-    Harness {
-        _dir: dir,
-        path,
-        dev,
-        stop: Some(tx),
-        task,
-    }
+    Harness { _dir: dir, path, dev, stop: Some(tx), task }
 }
 
 impl Harness {
@@ -184,11 +170,7 @@ impl Harness {
 
     async fn stop(mut self) -> ServeStats {
         self.begin_shutdown().await;
-        timeout(T, self.task)
-            .await
-            .expect("serve returns after shutdown")
-            .unwrap()
-            .unwrap()
+        timeout(T, self.task).await.expect("serve returns after shutdown").unwrap().unwrap()
     }
 }
 
@@ -198,10 +180,7 @@ impl Harness {
 
 async fn read_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
     let mut b = vec![0; n];
-    timeout(T, s.read_exact(&mut b))
-        .await
-        .expect("timely reply")
-        .expect("server sent enough bytes");
+    timeout(T, s.read_exact(&mut b)).await.expect("timely reply").expect("server sent enough bytes");
     b
 }
 
@@ -227,11 +206,7 @@ async fn opt_reply(s: &mut UnixStream) -> (OptionReplyHeader, Vec<u8>) {
 
 async fn expect_opt_reply(s: &mut UnixStream, opt: u32, reply_type: u32) -> Vec<u8> {
     let (h, data) = opt_reply(s).await;
-    assert_eq!(
-        (h.option, h.reply_type),
-        (opt, reply_type),
-        "reply data {data:?}"
-    );
+    assert_eq!((h.option, h.reply_type), (opt, reply_type), "reply data {data:?}");
     data
 }
 
@@ -265,38 +240,21 @@ async fn open(h: &Harness, structured: bool) -> UnixStream {
 }
 
 async fn send_req(s: &mut UnixStream, cmd: u16, flags: u16, cookie: u64, off: u64, len: u32) {
-    let r = Request {
-        flags,
-        command: Command::from_u16(cmd),
-        cookie,
-        offset: off,
-        length: len,
-    };
+    let r = Request { flags, command: Command::from_u16(cmd), cookie, offset: off, length: len };
     s.write_all(&encode_request(&r)).await.unwrap();
 }
 
 /// Reads a simple reply header: (error, cookie).
 async fn simple_reply(s: &mut UnixStream) -> (u32, u64) {
     let b = read_n(s, 16).await;
-    assert_eq!(
-        &b[..4],
-        &SIMPLE_REPLY_MAGIC.to_be_bytes(),
-        "simple reply magic"
-    );
-    (
-        u32::from_be_bytes(b[4..8].try_into().unwrap()),
-        u64::from_be_bytes(b[8..16].try_into().unwrap()),
-    )
+    assert_eq!(&b[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes(), "simple reply magic");
+    (u32::from_be_bytes(b[4..8].try_into().unwrap()), u64::from_be_bytes(b[8..16].try_into().unwrap()))
 }
 
 /// Reads one structured chunk: (flags, type, cookie, payload).
 async fn chunk(s: &mut UnixStream) -> (u16, u16, u64, Vec<u8>) {
     let b = read_n(s, 20).await;
-    assert_eq!(
-        &b[..4],
-        &STRUCTURED_REPLY_MAGIC.to_be_bytes(),
-        "chunk magic"
-    );
+    assert_eq!(&b[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes(), "chunk magic");
     let len = u32::from_be_bytes(b[16..20].try_into().unwrap());
     (
         u16::from_be_bytes(b[4..6].try_into().unwrap()),
@@ -307,17 +265,11 @@ async fn chunk(s: &mut UnixStream) -> (u16, u16, u64, Vec<u8>) {
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u64).wrapping_mul(31).wrapping_add(seed * 7 + 1) as u8)
-        .collect()
+    (0..len).map(|i| (i as u64).wrapping_mul(31).wrapping_add(seed * 7 + 1) as u8).collect()
 }
 
 fn flags_for(structured: bool) -> u16 {
-    proto::Session {
-        size: SIZE,
-        structured,
-    }
-    .transmission_flags()
+    proto::Session { size: SIZE, structured }.transmission_flags()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -331,10 +283,7 @@ async fn option_haggling() {
     greeting(&mut s, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
 
     send_opt(&mut s, OPT_LIST, &[]).await;
-    assert_eq!(
-        expect_opt_reply(&mut s, OPT_LIST, REP_SERVER).await,
-        b"\0\0\0\x04vol0"
-    );
+    assert_eq!(expect_opt_reply(&mut s, OPT_LIST, REP_SERVER).await, b"\0\0\0\x04vol0");
     expect_opt_reply(&mut s, OPT_LIST, REP_ACK).await;
     send_opt(&mut s, OPT_LIST, b"x").await;
     expect_opt_reply(&mut s, OPT_LIST, REP_ERR_INVALID).await;
@@ -345,10 +294,7 @@ async fn option_haggling() {
     // Unsupported options: payload consumed, negotiation continues.
     for (opt, data) in [
         (99u32, &b"hello"[..]),
-        (
-            OPT_SET_META_CONTEXT,
-            &b"\0\0\0\0\0\0\0\x01\0\0\0\x0fbase:allocation"[..],
-        ),
+        (OPT_SET_META_CONTEXT, &b"\0\0\0\0\0\0\0\x01\0\0\0\x0fbase:allocation"[..]),
         (OPT_LIST_META_CONTEXT, &b"\0\0\0\0\0\0\0\0"[..]),
         (OPT_EXTENDED_HEADERS, &[][..]),
         (OPT_PEEK_EXPORT, &[][..]),
@@ -378,10 +324,7 @@ async fn option_haggling() {
         send_opt(&mut s, opt, &encode_info_request(name, &reqs)).await;
         assert_eq!(expect_opt_reply(&mut s, opt, REP_INFO).await, export);
         assert_eq!(expect_opt_reply(&mut s, opt, REP_INFO).await, b"\0\x01vol0");
-        assert_eq!(
-            expect_opt_reply(&mut s, opt, REP_INFO).await,
-            b"\0\x02test volume"
-        );
+        assert_eq!(expect_opt_reply(&mut s, opt, REP_INFO).await, b"\0\x02test volume");
         assert_eq!(expect_opt_reply(&mut s, opt, REP_INFO).await, block);
         expect_opt_reply(&mut s, opt, REP_ACK).await;
     }
@@ -390,10 +333,7 @@ async fn option_haggling() {
     h.dev.fill(4096, &pattern(1, 100));
     send_req(&mut s, CMD_READ, CMD_FLAG_DF, 5, 4096, 100).await;
     let (f, ty, cookie, payload) = chunk(&mut s).await;
-    assert_eq!(
-        (f, ty, cookie),
-        (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 5)
-    );
+    assert_eq!((f, ty, cookie), (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 5));
     assert_eq!(&payload[..8], &4096u64.to_be_bytes());
     assert_eq!(&payload[8..], &pattern(1, 100)[..]);
     h.stop().await;
@@ -405,14 +345,8 @@ async fn go_without_requests_still_sends_block_size() {
     let mut s = h.connect().await;
     greeting(&mut s, FLAG_C_FIXED_NEWSTYLE).await;
     send_opt(&mut s, OPT_GO, &encode_info_request(b"", &[])).await;
-    assert_eq!(
-        expect_opt_reply(&mut s, OPT_GO, REP_INFO).await,
-        encode_info_export(SIZE, flags_for(false))
-    );
-    assert_eq!(
-        expect_opt_reply(&mut s, OPT_GO, REP_INFO).await,
-        encode_info_block_size(512, PREFERRED, 32 << 20)
-    );
+    assert_eq!(expect_opt_reply(&mut s, OPT_GO, REP_INFO).await, encode_info_export(SIZE, flags_for(false)));
+    assert_eq!(expect_opt_reply(&mut s, OPT_GO, REP_INFO).await, encode_info_block_size(512, PREFERRED, 32 << 20));
     expect_opt_reply(&mut s, OPT_GO, REP_ACK).await;
     assert_eq!(flags_for(false) & FLAG_SEND_DF, 0);
     send_req(&mut s, CMD_FLUSH, 0, 1, 0, 0).await;
@@ -470,9 +404,7 @@ async fn handshake_violations_close_the_connection() {
     // Absurd option length.
     let mut s = h.connect().await;
     greeting(&mut s, FLAG_C_FIXED_NEWSTYLE).await;
-    s.write_all(&encode_option_header(OPT_LIST, 1 << 30))
-        .await
-        .unwrap();
+    s.write_all(&encode_option_header(OPT_LIST, 1 << 30)).await.unwrap();
     expect_closed(&mut s).await;
 
     // ABORT is acknowledged, then the server closes.
@@ -486,15 +418,11 @@ async fn handshake_violations_close_the_connection() {
     drop(h.connect().await);
     let mut s = h.connect().await;
     greeting(&mut s, FLAG_C_FIXED_NEWSTYLE).await;
-    s.write_all(&encode_option_header(OPT_GO, 100)[..10])
-        .await
-        .unwrap();
+    s.write_all(&encode_option_header(OPT_GO, 100)[..10]).await.unwrap();
     drop(s);
     let mut s = h.connect().await;
     greeting(&mut s, FLAG_C_FIXED_NEWSTYLE).await;
-    s.write_all(&encode_option_header(OPT_GO, 100))
-        .await
-        .unwrap();
+    s.write_all(&encode_option_header(OPT_GO, 100)).await.unwrap();
     s.write_all(&[0; 50]).await.unwrap();
     drop(s);
 
@@ -517,15 +445,7 @@ async fn commands_and_errors_with_simple_replies() {
     let data = pattern(3, 70_000);
 
     // WRITE (FUA) then READ back, unaligned.
-    send_req(
-        &mut s,
-        CMD_WRITE,
-        CMD_FLAG_FUA,
-        1,
-        12_345,
-        data.len() as u32,
-    )
-    .await;
+    send_req(&mut s, CMD_WRITE, CMD_FLAG_FUA, 1, 12_345, data.len() as u32).await;
     s.write_all(&data).await.unwrap();
     assert_eq!(simple_reply(&mut s).await, (0, 1));
     assert_eq!(h.dev.bytes(12_345, data.len()), data);
@@ -590,10 +510,7 @@ async fn structured_replies() {
 
     send_req(&mut s, CMD_WRITE, 0, 1, 0, 3).await;
     s.write_all(b"xyz").await.unwrap();
-    assert_eq!(
-        chunk(&mut s).await,
-        (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, vec![])
-    );
+    assert_eq!(chunk(&mut s).await, (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, vec![]));
 
     send_req(&mut s, CMD_READ, 0, 2, SIZE - 2, 4).await;
     let (f, ty, cookie, p) = chunk(&mut s).await;
@@ -610,10 +527,7 @@ async fn structured_replies() {
     send_req(&mut s, CMD_WRITE, 0, 4, SIZE, 1).await;
     s.write_all(b"!").await.unwrap();
     let (_, ty, cookie, p) = chunk(&mut s).await;
-    assert_eq!(
-        (ty, cookie, &p[..4]),
-        (REPLY_TYPE_ERROR, 4, &28u32.to_be_bytes()[..])
-    );
+    assert_eq!((ty, cookie, &p[..4]), (REPLY_TYPE_ERROR, 4, &28u32.to_be_bytes()[..]));
 
     send_req(&mut s, CMD_READ, 0, 5, 0, 3).await;
     let (_, ty, cookie, p) = chunk(&mut s).await;
@@ -647,11 +561,7 @@ async fn bad_magic_closes_only_that_connection() {
 #[tokio::test]
 async fn hang_ups_leak_nothing() {
     let gate = Arc::new(Semaphore::new(0));
-    let h = start(MemDevice {
-        gate: Some((8192, gate.clone())),
-        ..MemDevice::new()
-    })
-    .await;
+    let h = start(MemDevice { gate: Some((8192, gate.clone())), ..MemDevice::new() }).await;
 
     // Mid-payload: half a 1 MiB write, then gone. Nothing must be written.
     let mut s = open(&h, false).await;
@@ -698,24 +608,14 @@ async fn hang_ups_leak_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_requests_in_flight_reply_out_of_order() {
     const N: u64 = 200;
-    let h = start(MemDevice {
-        reverse_delay: Some((Duration::from_millis(2), N)),
-        ..MemDevice::new()
-    })
-    .await;
+    let h = start(MemDevice { reverse_delay: Some((Duration::from_millis(2), N)), ..MemDevice::new() }).await;
     for i in 0..N {
         h.dev.fill(i * 4096, &pattern(i, 4096));
     }
     let mut s = open(&h, true).await;
     let mut batch = Vec::new();
     for i in 0..N {
-        let r = Request {
-            flags: 0,
-            command: Command::Read,
-            cookie: 1000 + i,
-            offset: i * 4096,
-            length: 4096,
-        };
+        let r = Request { flags: 0, command: Command::Read, cookie: 1000 + i, offset: i * 4096, length: 4096 };
         batch.extend_from_slice(&encode_request(&r));
     }
     s.write_all(&batch).await.unwrap();
@@ -731,10 +631,7 @@ async fn many_requests_in_flight_reply_out_of_order() {
     }
     let unique: HashSet<_> = order.iter().collect();
     assert_eq!(unique.len(), N as usize, "each cookie answered once");
-    assert!(
-        order.windows(2).any(|w| w[0] > w[1]),
-        "replies were out of order"
-    );
+    assert!(order.windows(2).any(|w| w[0] > w[1]), "replies were out of order");
     let peak = h.dev.max_active.load(Ordering::SeqCst);
     assert!(peak >= 128, "only {peak} requests were in flight at once");
     h.stop().await;
@@ -743,17 +640,8 @@ async fn many_requests_in_flight_reply_out_of_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_limit_is_respected() {
     const N: u64 = 64;
-    let h = start_with(
-        MemDevice {
-            reverse_delay: Some((Duration::from_millis(1), N)),
-            ..MemDevice::new()
-        },
-        ServerConfig {
-            max_in_flight: 8,
-            ..config()
-        },
-    )
-    .await;
+    let h =
+        start_with(MemDevice { reverse_delay: Some((Duration::from_millis(1), N)), ..MemDevice::new() }, ServerConfig { max_in_flight: 8, ..config() }).await;
     let mut s = open(&h, false).await;
     for i in 0..N {
         send_req(&mut s, CMD_READ, 0, i, i * 4096, 4096).await;
@@ -771,11 +659,7 @@ async fn in_flight_limit_is_respected() {
 #[tokio::test]
 async fn shutdown_drains_then_refuses_with_eshutdown() {
     let gate = Arc::new(Semaphore::new(0));
-    let mut h = start(MemDevice {
-        gate: Some((8192, gate.clone())),
-        ..MemDevice::new()
-    })
-    .await;
+    let mut h = start(MemDevice { gate: Some((8192, gate.clone())), ..MemDevice::new() }).await;
     h.dev.fill(8192, b"drained");
     let mut s = open(&h, false).await;
     let mut st = open(&h, true).await;
@@ -789,10 +673,7 @@ async fn shutdown_drains_then_refuses_with_eshutdown() {
     .unwrap();
 
     h.begin_shutdown().await;
-    assert!(
-        UnixStream::connect(&h.path).await.is_err(),
-        "no longer accepting"
-    );
+    assert!(UnixStream::connect(&h.path).await.is_err(), "no longer accepting");
     // Requests arriving now are refused (a WRITE's payload is still consumed).
     send_req(&mut s, CMD_WRITE, 0, 2, 0, 5).await;
     s.write_all(b"late!").await.unwrap();
@@ -801,15 +682,7 @@ async fn shutdown_drains_then_refuses_with_eshutdown() {
     assert_eq!(simple_reply(&mut s).await, (108, 3));
     assert!(h.dev.bytes(0, 5).iter().all(|&b| b == 0));
     // The structured connection was idle; it may already be closed, or answer ESHUTDOWN.
-    let _ = st
-        .write_all(&encode_request(&Request {
-            flags: 0,
-            command: Command::Read,
-            cookie: 4,
-            offset: 0,
-            length: 1,
-        }))
-        .await;
+    let _ = st.write_all(&encode_request(&Request { flags: 0, command: Command::Read, cookie: 4, offset: 0, length: 1 })).await;
 
     // The request received before shutdown completes normally, then the connection closes.
     gate.add_permits(1);
@@ -822,14 +695,7 @@ async fn shutdown_drains_then_refuses_with_eshutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_a_client_that_stops_reading() {
-    let h = start_with(
-        MemDevice::new(),
-        ServerConfig {
-            shutdown_grace: Duration::from_millis(200),
-            ..config()
-        },
-    )
-    .await;
+    let h = start_with(MemDevice::new(), ServerConfig { shutdown_grace: Duration::from_millis(200), ..config() }).await;
     let mut s = open(&h, false).await;
     // 64 MiB of replies that are never read: the writer blocks on a full socket buffer.
     for i in 0..64 {
@@ -865,10 +731,7 @@ async fn serve_waits_for_running_device_operations() {
     drop(s); // the client is gone, but its read is still inside the device
     h.begin_shutdown().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        !h.task.is_finished(),
-        "serve returned while a device op was running"
-    );
+    assert!(!h.task.is_finished(), "serve returned while a device op was running");
     gate.add_permits(1);
     let dev = h.dev.clone();
     h.stop().await;
@@ -892,16 +755,7 @@ fn listen_addr_parse_and_display() {
     assert_eq!(v6.to_string().parse::<ListenAddr>().unwrap(), v6);
     let l: ListenAddr = "tcp:localhost:10809".parse().unwrap();
     assert!(matches!(l, ListenAddr::Tcp(a) if a.port() == 10809 && a.ip().is_loopback()));
-    for bad in [
-        "",
-        "unix:",
-        "tcp:",
-        "tcp:1.2.3.4",
-        "tcp:1.2.3.4:99999",
-        "tcp::80",
-        "udp:x:1",
-        "/x",
-    ] {
+    for bad in ["", "unix:", "tcp:", "tcp:1.2.3.4", "tcp:1.2.3.4:99999", "tcp::80", "udp:x:1", "/x"] {
         let e = bad.parse::<ListenAddr>().unwrap_err().to_string();
         assert!(e.contains("unix:PATH or tcp:HOST:PORT"), "{bad}: {e}");
     }
@@ -920,10 +774,7 @@ async fn unix_socket_files_are_handled_carefully() {
     let server = Server::bind(dev.clone(), config(), &addr).await.unwrap();
 
     // A live one is not.
-    let err = Server::bind(dev.clone(), config(), &addr)
-        .await
-        .err()
-        .expect("second bind refused");
+    let err = Server::bind(dev.clone(), config(), &addr).await.err().expect("second bind refused");
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     assert!(err.to_string().contains("unix:"), "{err}");
     drop(server);
@@ -939,9 +790,7 @@ async fn unix_socket_files_are_handled_carefully() {
 async fn tcp_listener() {
     let dev = Arc::new(MemDevice::new());
     dev.fill(0, b"tcp!");
-    let server = Server::bind(dev, config(), &["tcp:127.0.0.1:0".parse().unwrap()])
-        .await
-        .unwrap();
+    let server = Server::bind(dev, config(), &["tcp:127.0.0.1:0".parse().unwrap()]).await.unwrap();
     let Some(ListenAddr::Tcp(addr)) = server.local_addrs().first().cloned() else {
         panic!("tcp address expected");
     };
@@ -955,19 +804,12 @@ async fn tcp_listener() {
         let mut g = [0u8; 18];
         s.read_exact(&mut g).await?;
         s.write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes()).await?;
-        s.write_all(&encode_option_header(OPT_EXPORT_NAME, 0))
-            .await?;
+        s.write_all(&encode_option_header(OPT_EXPORT_NAME, 0)).await?;
         let mut r = [0u8; 134];
         s.read_exact(&mut r).await?;
         assert_eq!(&r[..8], &SIZE.to_be_bytes());
         assert!(r[10..].iter().all(|&b| b == 0));
-        let req = Request {
-            flags: 0,
-            command: Command::Read,
-            cookie: 3,
-            offset: 0,
-            length: 4,
-        };
+        let req = Request { flags: 0, command: Command::Read, cookie: 3, offset: 0, length: 4 };
         s.write_all(&encode_request(&req)).await?;
         let mut reply = [0u8; 20];
         s.read_exact(&mut reply).await?;
@@ -989,24 +831,13 @@ async fn tcp_listener() {
 /// bug shows up as a failure rather than a hung test; panics with its output if it fails.
 async fn run_tool(args: Vec<String>) -> String {
     let shown = args.join(" ");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("timeout")
-            .args(["--kill-after=5", "120"])
-            .args(&args)
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap_or_else(|e| {
-        panic!("cannot run {shown}: {e} (apt-get install -y libnbd-bin qemu-utils)")
-    });
+    let out = tokio::task::spawn_blocking(move || std::process::Command::new("timeout").args(["--kill-after=5", "120"]).args(&args).output())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e} (apt-get install -y libnbd-bin qemu-utils)"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{shown} failed: {}\nstdout: {stdout}\nstderr: {stderr}",
-        out.status
-    );
+    assert!(out.status.success(), "{shown} failed: {}\nstdout: {stdout}\nstderr: {stderr}", out.status);
     stdout
 }
 
@@ -1028,14 +859,7 @@ async fn nbdinfo_reports_size_and_block_sizes() {
     assert_eq!(e["block_size_preferred"], PREFERRED);
     assert_eq!(e["block_size_maximum"], 32 << 20);
     assert_eq!(e["description"], DESCRIPTION);
-    for cap in [
-        "can_flush",
-        "can_fua",
-        "can_trim",
-        "can_zero",
-        "can_multi_conn",
-        "can_df",
-    ] {
+    for cap in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_df"] {
         assert_eq!(e[cap], true, "{cap} in {e}");
     }
     assert_eq!(e["is_read_only"], false);
@@ -1093,15 +917,9 @@ async fn nbdcopy_round_trips_a_random_image() {
 
     let path = |p: &Path| p.display().to_string();
     run_tool(vec![s("nbdcopy"), path(&src), h.uri()]).await;
-    assert!(
-        h.dev.bytes(0, SIZE as usize) == data,
-        "device matches the image"
-    );
+    assert!(h.dev.bytes(0, SIZE as usize) == data, "device matches the image");
     run_tool(vec![s("nbdcopy"), h.uri(), path(&dst)]).await;
-    assert!(
-        std::fs::read(&dst).unwrap() == data,
-        "copied-out image matches"
-    );
+    assert!(std::fs::read(&dst).unwrap() == data, "copied-out image matches");
     let stats = h.stop().await;
     assert!(stats.connections >= 2);
 }
@@ -1130,9 +948,6 @@ async fn fio_random_writes_verify_with_deep_queues() {
     let job = &v["jobs"][0];
     assert_eq!(job["error"], 0, "{job}");
     assert!(job["write"]["io_bytes"].as_u64().unwrap() >= SIZE, "{job}");
-    assert!(
-        job["read"]["io_bytes"].as_u64().unwrap() >= SIZE,
-        "verify pass read: {job}"
-    );
+    assert!(job["read"]["io_bytes"].as_u64().unwrap() >= SIZE, "verify pass read: {job}");
     h.stop().await;
 }

@@ -82,9 +82,7 @@ impl Op {
         let fd = types::Fd(self.file.as_raw_fd());
         let entry = match &self.kind {
             OpKind::Read { offset, buf } => opcode::Read::new(fd, buf.ptr(), buf.len as u32).offset(*offset).build(),
-            OpKind::Write { offset, buf } => {
-                opcode::Write::new(fd, buf.ptr() as *const u8, buf.len as u32).offset(*offset).build()
-            }
+            OpKind::Write { offset, buf } => opcode::Write::new(fd, buf.ptr() as *const u8, buf.len as u32).offset(*offset).build(),
             OpKind::Fsync { datasync } => {
                 let flags = if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
                 opcode::Fsync::new(fd).flags(flags).build()

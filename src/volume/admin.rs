@@ -99,6 +99,7 @@ impl Volume {
             spares: h.spares.iter().map(|m| m.path().display().to_string()).collect(),
             rebuilds,
             max_rebuild_rate: self.rebuild.max_rate(),
+            scrub: self.scrub_status(),
         }
     }
 
@@ -161,12 +162,7 @@ impl Volume {
         let member = Member::open(path, self.engine.clone(), Access::Exclusive).await?;
         match member.read_superblock().await {
             Ok(sb) if sb.volume_uuid != self.uuid => {
-                return refuse(format!(
-                    "{} belongs to volume {:?} ({}); wipe it first if it is free",
-                    path.display(),
-                    sb.name,
-                    uuid_string(&sb.volume_uuid)
-                ))
+                return refuse(format!("{} belongs to volume {:?} ({}); wipe it first if it is free", path.display(), sb.name, uuid_string(&sb.volume_uuid)))
             }
             Ok(_) => tracing::info!("{}: a former member of this volume; it will be rebuilt in full", path.display()),
             Err(MemberError::Superblock { source: SuperblockError::NoMagic, .. }) => {

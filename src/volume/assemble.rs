@@ -3,11 +3,11 @@
 
 use super::health::{Health, Progress, SlotEntry};
 use super::{locks::StripeLocks, Volume};
-use crate::meta::SlotState;
 use crate::codec::Codec;
 use crate::layout::{Geometry, Level};
 use crate::member::{Access, Member, MemberError};
 use crate::meta::superblock::{uuid_string, Superblock};
+use crate::meta::SlotState;
 use crate::uring::Engine;
 use futures::future::join_all;
 use std::collections::HashMap;
@@ -81,7 +81,7 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         if !sb.same_geometry(&reference) {
             return Err(AssembleError::GeometryMismatch { path: m.path().to_path_buf(), reference: ref_path.clone() });
         }
-        let need = sb.data_offset + sb.member_data_bytes;
+        let need = sb.data_offset.saturating_add(sb.member_data_bytes);
         if m.size() < need {
             return Err(AssembleError::Truncated { path: m.path().to_path_buf(), size: m.size(), need });
         }
@@ -179,6 +179,7 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         progress: Progress::new(reference.checkpoints.iter().copied()),
         meta: tokio::sync::Mutex::new(reference),
         rebuild: Default::default(),
+        scrub: Default::default(),
         engine: engine.clone(),
     };
     Ok((volume, changed))

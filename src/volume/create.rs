@@ -75,10 +75,8 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
     for p in &spec.members {
         fresh.push(prepare_file(p, spec.member_size)?);
     }
-    let opened: Vec<Member> = join_all(spec.members.iter().map(|p| Member::open(p, engine.clone(), Access::Exclusive)))
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
+    let opened: Vec<Member> =
+        join_all(spec.members.iter().map(|p| Member::open(p, engine.clone(), Access::Exclusive))).await.into_iter().collect::<Result<_, _>>()?;
 
     let need = METADATA_RESERVED + spec.chunk;
     for m in &opened {
@@ -207,9 +205,7 @@ fn zero_member(path: &Path, len: u64) -> Result<(), CreateError> {
         let range: [u64; 2] = [0, len];
         unsafe { libc::ioctl(f.as_raw_fd(), BLKZEROOUT, range.as_ptr()) }
     } else {
-        unsafe {
-            libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, len.min(meta.len()) as libc::off_t)
-        }
+        unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, len.min(meta.len()) as libc::off_t) }
     };
     if rc != 0 {
         return Err(err(io::Error::last_os_error()));

@@ -109,9 +109,14 @@ impl Volume {
         }
     }
 
-    /// Whether `stripe` still has enough readable shards to be served.
-    fn serviceable(&self, h: &Health, stripe: u64) -> bool {
-        let readable = (0..self.geometry.members as usize).filter(|&s| h.readable(s, stripe, &self.progress).is_some()).count();
+    /// Whether the part `ext` of a stripe can still be served: enough readable shards to
+    /// decode the stripe, or for raid0 (nothing to decode from) the touched members themselves.
+    fn serviceable(&self, h: &Health, ext: &StripeExtent) -> bool {
+        let s = ext.stripe;
+        if self.geometry.level == Level::Raid0 {
+            return ext.pieces.iter().all(|p| h.readable(self.slot_of_shard(s, p.shard), s, &self.progress).is_some());
+        }
+        let readable = (0..self.geometry.members as usize).filter(|&slot| h.readable(slot, s, &self.progress).is_some()).count();
         readable >= self.geometry.data_shards as usize
     }
 
@@ -171,9 +176,7 @@ impl Volume {
                     Ok(()) => return Ok(()),
                     Err(f) => self.member_failed(&f.member, &f.error).await,
                 },
-                None if matches!(self.geometry.level, Level::Raid5 | Level::Ec) => {
-                    return self.read_piece_degraded(stripe, p, buf, locked).await
-                }
+                None if matches!(self.geometry.level, Level::Raid5 | Level::Ec) => return self.read_piece_degraded(stripe, p, buf, locked).await,
                 None => return Err(VolumeError::Unavailable { stripe }),
             }
         }
@@ -224,11 +227,7 @@ impl Volume {
             let end = (offset + len).div_ceil(BLOCK) * BLOCK;
             let sdb = self.geometry.stripe_data_bytes();
             let _guards = self.locks.lock_all(start / sdb..=(end - 1) / sdb).await;
-            let buf = if start == offset && end == offset + len {
-                data
-            } else {
-                self.widen_to_blocks(start, end, offset, &data).await?
-            };
+            let buf = if start == offset && end == offset + len { data } else { self.widen_to_blocks(start, end, offset, &data).await? };
             let buf = Arc::new(buf);
             let extents = self.geometry.map(start, buf.len() as u64);
             all(extents.iter().map(|ext| self.write_stripe(ext, &buf))).await?;
@@ -263,7 +262,7 @@ impl Volume {
     async fn write_stripe(&self, ext: &StripeExtent, buf: &Arc<AlignedBuf>) -> Result<(), VolumeError> {
         loop {
             let h = self.health();
-            if !self.serviceable(&h, ext.stripe) {
+            if !self.serviceable(&h, ext) {
                 return Err(VolumeError::Unavailable { stripe: ext.stripe });
             }
             let attempt = match self.geometry.level {
@@ -279,11 +278,7 @@ impl Volume {
                     // Every shard that was written holds the new, mutually consistent version;
                     // the ones that failed are taken out. The stripe is good while enough remain.
                     self.fail_all(faults).await;
-                    return if self.serviceable(&self.health(), ext.stripe) {
-                        Ok(())
-                    } else {
-                        Err(VolumeError::Unavailable { stripe: ext.stripe })
-                    };
+                    return if self.serviceable(&self.health(), ext) { Ok(()) } else { Err(VolumeError::Unavailable { stripe: ext.stripe }) };
                 }
             }
         }
@@ -367,14 +362,12 @@ impl Volume {
         Ok(Arc::new(parity))
     }
 
-    fn read_shard<'a>(&'a self, h: &'a Health, stripe: u64, shard: u32, pos: u64, buf: &'a Arc<AlignedBuf>, off: u64, len: u64) -> impl Future<Output = Result<(), Fault>> + 'a {
-        let member = h.readable(self.slot_of_shard(stripe, shard), stripe, &self.progress).cloned();
-        async move {
-            match member {
-                Some(m) => member_read(&m, pos, buf, off, len).await,
-                // Callers only read shards they saw readable in this same snapshot.
-                None => Ok(()),
-            }
+    /// Reads part of a shard that the caller saw readable in the snapshot `h`.
+    async fn read_shard(&self, h: &Health, stripe: u64, shard: u32, at: (u64, &Arc<AlignedBuf>, u64), len: u64) -> Result<(), Fault> {
+        let (pos, buf, off) = at;
+        match h.readable(self.slot_of_shard(stripe, shard), stripe, &self.progress) {
+            Some(m) => member_read(m, pos, buf, off, len).await,
+            None => Ok(()),
         }
     }
 
@@ -394,7 +387,7 @@ impl Volume {
         let stripe = Arc::new(AlignedBuf::zeroed((k as u64 * slab) as usize));
         let reads = (0..k)
             .filter(|&i| piece_of(i).is_none_or(|p| p.chunk_offset != lo || p.len != slab))
-            .map(|i| self.read_shard(h, s, i, self.member_pos(s, lo), &stripe, i as u64 * slab, slab));
+            .map(|i| self.read_shard(h, s, i, (self.member_pos(s, lo), &stripe, i as u64 * slab), slab));
         let faults = faults_of(reads.collect::<Vec<_>>()).await;
         if !faults.is_empty() {
             return Ok(Err(faults));
@@ -425,8 +418,8 @@ impl Volume {
         let total: u64 = ext.pieces.iter().map(|p| p.len).sum();
         let old = Arc::new(AlignedBuf::zeroed(total as usize));
         let parity = Arc::new(AlignedBuf::zeroed((m * slab) as usize));
-        let old_reads = ext.pieces.iter().map(|p| self.read_shard(h, s, p.shard, self.member_pos(s, p.chunk_offset), &old, p.buf_offset - first, p.len));
-        let parity_reads = (0..m).map(|j| self.read_shard(h, s, k + j as u32, self.member_pos(s, lo), &parity, j * slab, slab));
+        let old_reads = ext.pieces.iter().map(|p| self.read_shard(h, s, p.shard, (self.member_pos(s, p.chunk_offset), &old, p.buf_offset - first), p.len));
+        let parity_reads = (0..m).map(|j| self.read_shard(h, s, k + j as u32, (self.member_pos(s, lo), &parity, j * slab), slab));
         let faults = faults_of(old_reads.chain(parity_reads).collect::<Vec<_>>()).await;
         if !faults.is_empty() {
             return Ok(Err(faults));

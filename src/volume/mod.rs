@@ -9,15 +9,16 @@ mod assemble;
 mod check;
 mod create;
 mod failure;
+#[cfg(test)]
+mod failure_tests;
 mod health;
 mod io;
 mod locks;
 mod rebuild;
+mod scrub;
 pub mod status;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod failure_tests;
 
 pub use admin::AdminError;
 pub use assemble::{assemble, AssembleError};
@@ -63,6 +64,7 @@ pub struct Volume {
     /// Serializes membership changes and superblock writes; holds the newest superblock.
     meta: tokio::sync::Mutex<Superblock>,
     rebuild: Arc<rebuild::RebuildControl>,
+    scrub: scrub::ScrubState,
     /// For opening members added at run time.
     engine: Arc<crate::uring::Engine>,
 }

@@ -312,6 +312,11 @@ impl Volume {
         self.commit(&mut sb, h).await;
     }
 
+    /// Whether background work should stop (the daemon is shutting down).
+    pub(super) fn rebuild_stopping(&self) -> bool {
+        self.rebuild.stopping.load(Ordering::SeqCst)
+    }
+
     /// Stops the rebuild task at the next batch.
     pub fn stop_background(&self) {
         self.rebuild.stopping.store(true, Ordering::SeqCst);

@@ -32,6 +32,29 @@ pub struct VolumeStatus {
     pub rebuilds: Vec<RebuildStatus>,
     /// Rebuild throttle in bytes per second written to the new member; `None` is unlimited.
     pub max_rebuild_rate: Option<u64>,
+    /// The running or last finished scrub since the daemon started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub: Option<ScrubStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScrubStatus {
+    pub running: bool,
+    pub repair: bool,
+    pub stripes_done: u64,
+    pub stripes_total: u64,
+    /// Bytes read from members.
+    pub bytes_checked: u64,
+    /// Stripes whose parity or mirror copies disagreed with the data.
+    pub mismatches: u64,
+    /// Of those, stripes rewritten (`repair` only).
+    pub repaired: u64,
+    /// Stripes not checked because a member holding part of them is lost.
+    pub skipped: u64,
+    pub started_unix: u64,
+    pub finished_unix: Option<u64>,
+    /// Why the scrub stopped early, if it did.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,4 +84,3 @@ pub struct RebuildStatus {
     pub rate: f64,
     pub eta_seconds: Option<f64>,
 }
-

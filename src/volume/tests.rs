@@ -26,7 +26,10 @@ fn spec(dir: &std::path::Path, tag: &str, level: Level, n: usize, ec: Option<(u3
     }
 }
 
-const LEVELS: [(&str, Level, usize, Option<(u32, u32)>); 7] = [
+/// (tag, level, members, ec shape)
+type Case = (&'static str, Level, usize, Option<(u32, u32)>);
+
+const LEVELS: [Case; 7] = [
     ("raid0x4", Level::Raid0, 4, None),
     ("raid1x2", Level::Raid1, 2, None),
     ("raid1x3", Level::Raid1, 3, None),
