@@ -154,7 +154,7 @@ impl Superblock {
         b[112..116].copy_from_slice(&self.member_index.to_le_bytes());
         let flags = if self.spare { FLAG_SPARE } else { 0 } | if self.replacement { FLAG_REPLACEMENT } else { 0 };
         b[116..120].copy_from_slice(&flags.to_le_bytes());
-        let name = truncate_utf8(&self.name, MAX_NAME_LEN);
+        let name = &self.name[..self.name.floor_char_boundary(MAX_NAME_LEN)];
         b[120..124].copy_from_slice(&(name.len() as u32).to_le_bytes());
         b[124..124 + name.len()].copy_from_slice(name.as_bytes());
         for (i, s) in self.slots.iter().take(MAX_SLOTS).enumerate() {
@@ -265,17 +265,6 @@ impl Superblock {
             && self.member_data_bytes == other.member_data_bytes
             && self.volume_size == other.volume_size
     }
-}
-
-fn truncate_utf8(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// Formats a UUID the usual 8-4-4-4-12 way.

@@ -464,22 +464,10 @@ pub fn encode_offset_data_header(cookie: u64, done: bool, offset: u64, data_len:
     Some(b)
 }
 
-/// Cuts `s` to at most `max` bytes on a UTF-8 boundary.
-fn truncate_utf8(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 /// A complete final `NBD_REPLY_TYPE_ERROR` chunk carrying `error` (must be non-zero) and a human
 /// readable message (truncated to [`MAX_STRING_LEN`]).
 pub fn encode_chunk_error(cookie: u64, error: u32, message: &str) -> Vec<u8> {
-    let msg = truncate_utf8(message, MAX_STRING_LEN);
+    let msg = &message[..message.floor_char_boundary(MAX_STRING_LEN)];
     // MAX_STRING_LEN fits in u16, so neither conversion can fail; keep them checked anyway.
     let msg_len = u16::try_from(msg.len()).unwrap_or(0);
     let msg = &msg.as_bytes()[..usize::from(msg_len)];
@@ -571,7 +559,7 @@ pub fn encode_export_name_reply(size: u64, transmission_flags: u16, no_zeroes: b
 
 /// `NBD_REP_SERVER` data: name length, then the name.
 pub fn encode_rep_server(name: &str) -> Vec<u8> {
-    let name = truncate_utf8(name, MAX_STRING_LEN);
+    let name = &name[..name.floor_char_boundary(MAX_STRING_LEN)];
     let mut b = Vec::with_capacity(4 + name.len());
     b.extend_from_slice(&(name.len() as u32).to_be_bytes());
     b.extend_from_slice(name.as_bytes());
@@ -589,7 +577,7 @@ pub fn encode_info_export(size: u64, transmission_flags: u16) -> [u8; 12] {
 
 /// `NBD_INFO_NAME` or `NBD_INFO_DESCRIPTION`: the type then the string.
 pub fn encode_info_string(info_type: u16, s: &str) -> Vec<u8> {
-    let s = truncate_utf8(s, MAX_STRING_LEN);
+    let s = &s[..s.floor_char_boundary(MAX_STRING_LEN)];
     let mut b = Vec::with_capacity(2 + s.len());
     b.extend_from_slice(&info_type.to_be_bytes());
     b.extend_from_slice(s.as_bytes());

@@ -77,6 +77,18 @@ fn fill_region(buf: &Arc<AlignedBuf>, off: usize, data: &[u8]) {
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.as_ptr_mut_shared().add(off), data.len()) }
 }
 
+/// New parity for a partial-stripe write, or the reads that failed on the way to it.
+type ParityOutcome = Result<Result<Arc<AlignedBuf>, Vec<Fault>>, VolumeError>;
+
+/// Copies the write's pieces into a buffer holding the slab [lo, lo + slab) of every shard,
+/// shard after shard.
+fn overlay_pieces(slabs: &mut [u8], ext: &StripeExtent, buf: &[u8], lo: u64, slab: u64) {
+    for p in &ext.pieces {
+        let at = (p.shard as u64 * slab + p.chunk_offset - lo) as usize;
+        slabs[at..][..p.len as usize].copy_from_slice(&buf[p.buf_offset as usize..][..p.len as usize]);
+    }
+}
+
 /// What one attempt at a stripe write came to.
 enum Attempt {
     /// Writes issued; those that failed are listed.
@@ -373,14 +385,7 @@ impl Volume {
 
     /// Reads the slab of every data shard the write does not fully cover, overlays the new data,
     /// and encodes parity from scratch.
-    async fn reconstruct_write_parity(
-        &self,
-        h: &Health,
-        ext: &StripeExtent,
-        buf: &Arc<AlignedBuf>,
-        lo: u64,
-        slab: u64,
-    ) -> Result<Result<Arc<AlignedBuf>, Vec<Fault>>, VolumeError> {
+    async fn reconstruct_write_parity(&self, h: &Health, ext: &StripeExtent, buf: &Arc<AlignedBuf>, lo: u64, slab: u64) -> ParityOutcome {
         let s = ext.stripe;
         let k = self.geometry.data_shards;
         let piece_of = |shard: u32| ext.pieces.iter().find(|p| p.shard == shard);
@@ -393,23 +398,13 @@ impl Volume {
             return Ok(Err(faults));
         }
         let mut stripe = reclaim(stripe)?;
-        for p in &ext.pieces {
-            let at = (p.shard as u64 * slab + p.chunk_offset - lo) as usize;
-            stripe[at..][..p.len as usize].copy_from_slice(&buf[p.buf_offset as usize..][..p.len as usize]);
-        }
+        overlay_pieces(&mut stripe, ext, buf, lo, slab);
         Ok(Ok(self.encode_parity(stripe.chunks(slab as usize).collect(), slab as usize)?))
     }
 
     /// Reads the old bytes under each piece and the parity slab, then folds the difference
     /// between old and new data into the parity.
-    async fn read_modify_write_parity(
-        &self,
-        h: &Health,
-        ext: &StripeExtent,
-        buf: &Arc<AlignedBuf>,
-        lo: u64,
-        slab: u64,
-    ) -> Result<Result<Arc<AlignedBuf>, Vec<Fault>>, VolumeError> {
+    async fn read_modify_write_parity(&self, h: &Health, ext: &StripeExtent, buf: &Arc<AlignedBuf>, lo: u64, slab: u64) -> ParityOutcome {
         let s = ext.stripe;
         let k = self.geometry.data_shards;
         let m = self.geometry.parity_shards as u64;
@@ -437,14 +432,7 @@ impl Volume {
 
     /// Some shard of the stripe is unreadable: read the slab from any k readable shards,
     /// reconstruct the rest, overlay the new data and encode parity afresh.
-    async fn degraded_write_parity(
-        &self,
-        h: &Health,
-        ext: &StripeExtent,
-        buf: &Arc<AlignedBuf>,
-        lo: u64,
-        slab: u64,
-    ) -> Result<Result<Arc<AlignedBuf>, Vec<Fault>>, VolumeError> {
+    async fn degraded_write_parity(&self, h: &Health, ext: &StripeExtent, buf: &Arc<AlignedBuf>, lo: u64, slab: u64) -> ParityOutcome {
         let s = ext.stripe;
         let k = self.geometry.data_shards as usize;
         let n = self.geometry.shards() as usize;
@@ -464,10 +452,7 @@ impl Volume {
             let mut slices: Vec<&mut [u8]> = shards.chunks_mut(slab as usize).collect();
             self.codec.reconstruct(&mut slices, &present).map_err(|e| VolumeError::Codec(e.to_string()))?;
         }
-        for p in &ext.pieces {
-            let at = (p.shard as u64 * slab + p.chunk_offset - lo) as usize;
-            shards[at..][..p.len as usize].copy_from_slice(&buf[p.buf_offset as usize..][..p.len as usize]);
-        }
+        overlay_pieces(&mut shards, ext, buf, lo, slab);
         Ok(Ok(self.encode_parity(shards[..k * slab as usize].chunks(slab as usize).collect(), slab as usize)?))
     }
 
