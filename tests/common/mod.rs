@@ -617,7 +617,14 @@ pub fn fio_ctx(args: &[String], extra: &dyn Fn() -> String) -> serde_json::Value
     let o = run(&mut c);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    let ctx = || format!("fio {:?}\n{}\n{}", args, show(&o), extra());
+    let killed = {
+        use std::os::unix::process::ExitStatusExt;
+        match o.status.signal() {
+            Some(sig) => format!("\nNOTE: fio itself died of signal {sig}, which this test never sends: another process on the machine killed it"),
+            None => String::new(),
+        }
+    };
+    let ctx = || format!("fio {:?}\n{}{killed}\n{}", args, show(&o), extra());
     assert!(o.status.success(), "fio exited non-zero\n{}", ctx());
     for bad in ["verify", "bad magic", "mismatch", "crc32c", "error", "fail"] {
         assert!(!err.to_lowercase().contains(bad), "fio stderr mentions {bad:?}\n{}", ctx());
