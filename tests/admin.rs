@@ -47,6 +47,7 @@ fn os(p: &Path) -> &OsStr {
 fn background_writer(d: &Daemon, dir: &TestDir) -> std::process::Child {
     let log = std::fs::File::create(dir.join("bg-fio.log")).unwrap();
     Command::new(tool("fio"))
+        .arg("--verify_state_save=0")
         .args(fio_args(
             &d.uri(),
             &["--rw=randwrite", "--bsrange=4k-64k", "--offset=16m", "--size=8m", "--iodepth=8", "--verify=crc32c", "--verify_fatal=1"],

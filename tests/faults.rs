@@ -97,6 +97,7 @@ fn kill9_under_load_raid5() {
     // region B = [32 MiB, 64 MiB): random writes from four connections, killed part-way
     let log = std::fs::File::create(dir.join("fio-load.log")).unwrap();
     let mut load = Command::new(tool("fio"))
+        .arg("--verify_state_save=0")
         .args(fio_args(
             &uri,
             &["--rw=randwrite", "--bsrange=4k-256k", "--offset=32m", "--size=32m", "--numjobs=4", "--iodepth=16", "--number_ios=100000", "--norandommap"],

@@ -40,6 +40,7 @@ fn sigterm_under_load(tag: &str, args: &[&str], n: usize) {
 
     let logf = std::fs::File::create(dir.join("fio-load.log")).unwrap();
     let mut load = Command::new(tool("fio"))
+        .arg("--verify_state_save=0")
         .args([
             "--name=load",
             "--ioengine=nbd",

@@ -613,6 +613,7 @@ pub fn fio(args: &[String]) -> serde_json::Value {
 /// `fio`, adding `extra()` (e.g. the daemon's stderr) to any failure message.
 pub fn fio_ctx(args: &[String], extra: &dyn Fn() -> String) -> serde_json::Value {
     let mut c = Command::new(tool("fio"));
+    c.arg("--verify_state_save=0");
     c.args(args).arg("--output-format=json");
     let o = run(&mut c);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
