@@ -78,7 +78,7 @@ fn fail_and_rebuild(tag: &str, args: &[&str], n: usize, fail: &[usize]) {
     assert_eq!(state(&ctl), "optimal");
 
     for &i in fail {
-        admin("fail", &ctl, &[os(&m[i])]);
+        ctl_cmd("fail", &ctl, &[os(&m[i])]);
     }
     assert_eq!(state(&ctl), "degraded", "after `nbraid fail`");
     let st = slot_states(&ctl);
@@ -94,11 +94,11 @@ fn fail_and_rebuild(tag: &str, args: &[&str], n: usize, fail: &[usize]) {
     s.verify(&d.uri());
 
     // replacements, rebuilt while a client writes elsewhere (throttled so the two overlap)
-    admin("rebuild", &ctl, &[OsStr::new("--max-rate"), OsStr::new("20MiB/s")]);
+    ctl_cmd("rebuild", &ctl, &[OsStr::new("--max-rate"), OsStr::new("20MiB/s")]);
     let mut bg = background_writer(&d, &dir);
     for &i in fail {
         let new = new_member(&dir, &format!("new{i}"));
-        admin("add", &ctl, &[os(&new)]);
+        ctl_cmd("add", &ctl, &[os(&new)]);
         m[i] = new;
     }
     // more writes while the rebuild runs, over the region being rebuilt
@@ -146,10 +146,10 @@ fn hot_spare_takes_over_a_failed_member() {
     w.push("--do_verify=0");
     fio_ctx(&fio_args(&d.uri(), &w), &|| d.context());
     let spare = new_member(&dir, "spare");
-    admin("add", &ctl, &[os(&spare)]);
+    ctl_cmd("add", &ctl, &[os(&spare)]);
     assert_eq!(state(&ctl), "optimal");
     assert_eq!(status_json(&ctl)["spares"].as_array().map(|a| a.len()), Some(1), "the added member is not a spare");
-    admin("fail", &ctl, &[os(&m[1])]);
+    ctl_cmd("fail", &ctl, &[os(&m[1])]);
     let o = run(nbraid().arg("rebuild").arg("--control").arg(&ctl).arg("--wait"));
     assert!(o.status.success(), "rebuild onto the spare did not end optimal\n{}\n{}", show(&o), d.context());
     assert_eq!(state(&ctl), "optimal");

@@ -13,10 +13,7 @@ fn stderr_of(o: &std::process::Output) -> String {
 
 fn assert_mentions(text: &str, any_of: &[&str], what: &str) {
     let t = text.to_lowercase();
-    assert!(
-        any_of.iter().any(|k| t.contains(&k.to_lowercase())),
-        "{what}: message should mention one of {any_of:?}, got:\n{text}"
-    );
+    assert!(any_of.iter().any(|k| t.contains(&k.to_lowercase())), "{what}: message should mention one of {any_of:?}, got:\n{text}");
 }
 
 fn hashes(members: &[PathBuf]) -> Vec<String> {
@@ -149,11 +146,7 @@ fn serve_refusal(dir: &TestDir, members: &[PathBuf]) -> (std::process::ExitStatu
 fn assert_refused(dir: &TestDir, members: &[PathBuf], culprit: &Path, what: &str) {
     let (st, err) = serve_refusal(dir, members);
     assert!(!st.success(), "serve should refuse {what}, but exited {st}\n{err}");
-    assert!(
-        err.contains(&culprit.display().to_string()),
-        "serve refusing {what}: the message should name {}:\n{err}",
-        culprit.display()
-    );
+    assert!(err.contains(&culprit.display().to_string()), "serve refusing {what}: the message should name {}:\n{err}", culprit.display());
 }
 
 #[test]
@@ -225,10 +218,7 @@ fn no_argument_demo() {
     use std::net::TcpStream;
     let dir = TestDir::new("cli-demo");
     let addr = "127.0.0.1:10809";
-    assert!(
-        TcpStream::connect(addr).is_err(),
-        "something already listens on {addr}; the demo test needs that port"
-    );
+    assert!(TcpStream::connect(addr).is_err(), "something already listens on {addr}; the demo test needs that port");
     let uri = "nbd://127.0.0.1:10809";
     let start = |tag: &str| {
         let log = std::fs::File::create(dir.join(format!("demo-{tag}.log"))).unwrap();

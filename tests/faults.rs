@@ -127,10 +127,7 @@ fn kill9_under_load_raid5() {
     fio_ctx(&fio_args(&d.uri(), &verify_a), &|| d.context());
     s.verify(&d.uri());
     // region B is writable and verifiable again
-    fio_ctx(
-        &fio_args(&d.uri(), &["--rw=randwrite", "--bs=64k", "--offset=32m", "--size=8m", "--verify=crc32c", "--verify_fatal=1"]),
-        &|| d.context(),
-    );
+    fio_ctx(&fio_args(&d.uri(), &["--rw=randwrite", "--bs=64k", "--offset=32m", "--size=8m", "--verify=crc32c", "--verify_fatal=1"]), &|| d.context());
     d.stop_ok();
     let (_, n, _) = check(&m);
     eprintln!("after kill -9 under load and restart: inconsistent stripes: {n}");
@@ -175,10 +172,7 @@ fn degraded(tag: &str, args: &[&str], good: usize, faulty: usize) {
     s.write(base + 3 * MIB + 5, 65536, 0x42);
     s.apply(&uri);
     s.verify(&uri);
-    fio_ctx(
-        &fio_args(&uri, &["--rw=randwrite", "--bsrange=512-64k", "--offset=16m", "--size=8m", "--verify=crc32c", "--verify_fatal=1"]),
-        &|| d.context(),
-    );
+    fio_ctx(&fio_args(&uri, &["--rw=randwrite", "--bsrange=512-64k", "--offset=16m", "--size=8m", "--verify=crc32c", "--verify_fatal=1"]), &|| d.context());
     d.stop_ok();
     for b in &bad {
         b.heal();

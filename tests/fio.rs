@@ -29,22 +29,11 @@ fn verify_run(tag: &str, args: &[&str], n: usize) {
     let d = Daemon::start(&dir, &members);
     let uri = d.uri();
 
-    let v = fio_ctx(&fio_args(
-        &uri,
-        &["--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=32m", "--verify=crc32c", "--verify_fatal=1"],
-    ), &|| d.context());
+    let v = fio_ctx(&fio_args(&uri, &["--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=32m", "--verify=crc32c", "--verify_fatal=1"]), &|| d.context());
     assert_eq!(fio_bytes(&v, "write"), 32 * MIB, "fio wrote less than asked");
     assert!(fio_bytes(&v, "read") >= 32 * MIB, "fio verified less than it wrote");
 
-    let mixed = [
-        "--rw=randwrite",
-        "--bsrange=512-128k",
-        "--iodepth=16",
-        "--offset=32m",
-        "--size=24m",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-    ];
+    let mixed = ["--rw=randwrite", "--bsrange=512-128k", "--iodepth=16", "--offset=32m", "--size=24m", "--verify=crc32c", "--verify_fatal=1"];
     let v = fio_ctx(&fio_args(&uri, &mixed), &|| d.context());
     assert_eq!(fio_bytes(&v, "write"), 24 * MIB, "fio (mixed bs) wrote less than asked");
 
@@ -85,37 +74,43 @@ fn concurrent_same_stripes(tag: &str, args: &[&str], n: usize) {
     let members = volume(&dir, args, n, "32MiB");
     let d = Daemon::start(&dir, &members);
     let uri = d.uri();
-    let v = fio_ctx(&fio_args(
-        &uri,
-        &[
-            "--rw=randwrite",
-            "--bsrange=512-64k",
-            "--iodepth=16",
-            "--numjobs=4",
-            "--offset=0",
-            "--size=1m",
-            "--number_ios=400",
-            "--norandommap",
-            "--randrepeat=0",
-        ],
-    ), &|| d.context());
+    let v = fio_ctx(
+        &fio_args(
+            &uri,
+            &[
+                "--rw=randwrite",
+                "--bsrange=512-64k",
+                "--iodepth=16",
+                "--numjobs=4",
+                "--offset=0",
+                "--size=1m",
+                "--number_ios=400",
+                "--norandommap",
+                "--randrepeat=0",
+            ],
+        ),
+        &|| d.context(),
+    );
     assert_eq!(v["jobs"].as_array().unwrap().len(), 4, "expected four fio jobs (connections)");
     // and a concurrent read/write mix over the same region, with flushes
-    fio_ctx(&fio_args(
-        &uri,
-        &[
-            "--rw=randrw",
-            "--rwmixread=30",
-            "--bsrange=512-32k",
-            "--iodepth=8",
-            "--numjobs=4",
-            "--offset=0",
-            "--size=1m",
-            "--number_ios=300",
-            "--fsync=16",
-            "--norandommap",
-        ],
-    ), &|| d.context());
+    fio_ctx(
+        &fio_args(
+            &uri,
+            &[
+                "--rw=randrw",
+                "--rwmixread=30",
+                "--bsrange=512-32k",
+                "--iodepth=8",
+                "--numjobs=4",
+                "--offset=0",
+                "--size=1m",
+                "--number_ios=300",
+                "--fsync=16",
+                "--norandommap",
+            ],
+        ),
+        &|| d.context(),
+    );
     d.stop_ok();
     check_clean(&members);
 
@@ -173,17 +168,8 @@ fn interleaved_writers(tag: &str, args: &[&str], n: usize, redundant: bool) {
         let bs_arg = format!("--bs={bs}");
         let inc = format!("--offset_increment={bs}");
         let off = format!("--offset={region}");
-        let common = [
-            rw.as_str(),
-            bs_arg.as_str(),
-            inc.as_str(),
-            off.as_str(),
-            "--numjobs=4",
-            "--iodepth=16",
-            "--size=2m",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-        ];
+        let common =
+            [rw.as_str(), bs_arg.as_str(), inc.as_str(), off.as_str(), "--numjobs=4", "--iodepth=16", "--size=2m", "--verify=crc32c", "--verify_fatal=1"];
         let v = fio_ctx(&fio_args(&uri, &common), &|| d.context());
         assert_eq!(v["jobs"].as_array().unwrap().len(), 4);
         let mut again: Vec<&str> = common.to_vec();

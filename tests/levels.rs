@@ -100,11 +100,7 @@ fn exercise(l: Level) {
     let d = Daemon::start(&dir, &members);
     let size = d.size();
     let bound = l.k * (l.member_size - META);
-    assert!(
-        size <= bound && bound - size < s && size % s == 0,
-        "{}: volume size {size} should be whole stripes of {s} just below {bound}",
-        l.tag
-    );
+    assert!(size <= bound && bound - size < s && size % s == 0, "{}: volume size {size} should be whole stripes of {s} just below {bound}", l.tag);
     assert_eq!(nbdinfo_size(&d.uri_named("vol")), size, "named export `vol` has another size than \"\"");
 
     // 1. random image in with nbdcopy
@@ -150,14 +146,7 @@ fn raid1_x2() {
 
 #[test]
 fn raid1_x3() {
-    exercise(Level {
-        tag: "raid1x3",
-        args: vec!["--level", "raid1", "--chunk", "32KiB"],
-        members: 3,
-        member_size: 128 * MIB,
-        chunk: 32 * KIB,
-        k: 1,
-    });
+    exercise(Level { tag: "raid1x3", args: vec!["--level", "raid1", "--chunk", "32KiB"], members: 3, member_size: 128 * MIB, chunk: 32 * KIB, k: 1 });
 }
 
 #[test]
@@ -167,26 +156,12 @@ fn raid5_x3() {
 
 #[test]
 fn raid5_x5() {
-    exercise(Level {
-        tag: "raid5x5",
-        args: vec!["--level", "raid5", "--chunk", "16KiB"],
-        members: 5,
-        member_size: 64 * MIB,
-        chunk: 16 * KIB,
-        k: 4,
-    });
+    exercise(Level { tag: "raid5x5", args: vec!["--level", "raid5", "--chunk", "16KiB"], members: 5, member_size: 64 * MIB, chunk: 16 * KIB, k: 4 });
 }
 
 #[test]
 fn ec_4_2() {
-    exercise(Level {
-        tag: "ec4p2",
-        args: vec!["--level", "ec", "--data", "4", "--parity", "2"],
-        members: 6,
-        member_size: 64 * MIB,
-        chunk: 64 * KIB,
-        k: 4,
-    });
+    exercise(Level { tag: "ec4p2", args: vec!["--level", "ec", "--data", "4", "--parity", "2"], members: 6, member_size: 64 * MIB, chunk: 64 * KIB, k: 4 });
 }
 
 #[test]

@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::*;
 use common::nbd::*;
+use common::*;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
@@ -128,7 +128,7 @@ fn hangup_mid_write_payload_then_new_connection_works() {
     h.extend(pattern(1000, 77));
     c.s.write_all(&h).unwrap();
     drop(c); // hang up with 64536 payload bytes missing
-    // and a client that vanishes in the middle of the handshake
+             // and a client that vanishes in the middle of the handshake
     {
         let mut s = UnixStream::connect(&d.sock).unwrap();
         let _ = s.write_all(&[0u8; 3]);

@@ -7,8 +7,7 @@ use common::*;
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROFILES: [&str; 6] =
-    ["randread-4k.fio", "randwrite-4k.fio", "seqread-1m.fio", "seqwrite-1m.fio", "mixed-70-30.fio", "verify.fio"];
+const PROFILES: [&str; 6] = ["randread-4k.fio", "randwrite-4k.fio", "seqread-1m.fio", "seqwrite-1m.fio", "mixed-70-30.fio", "verify.fio"];
 
 fn profile(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fio-profiles").join(name)
@@ -16,11 +15,8 @@ fn profile(name: &str) -> PathBuf {
 
 #[test]
 fn every_profile_is_listed_here() {
-    let mut found: Vec<String> = std::fs::read_dir(profile(""))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.ends_with(".fio"))
-        .collect();
+    let mut found: Vec<String> =
+        std::fs::read_dir(profile("")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).filter(|n| n.ends_with(".fio")).collect();
     found.sort();
     let mut want: Vec<String> = PROFILES.iter().map(|s| s.to_string()).collect();
     want.sort();

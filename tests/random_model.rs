@@ -39,7 +39,11 @@ fn pick_range(rng: &mut StdRng, size: u64, chunk: u64, stripe: u64) -> (u64, u64
             let unit = if rng.gen_bool(0.5) { chunk } else { stripe };
             let b = rng.gen_range(0..size / unit + 1) * unit;
             let delta = rng.gen_range(0..3u64).pow(2) * [1, 511, 4095][rng.gen_range(0..3)] % unit;
-            if rng.gen_bool(0.5) { b.saturating_sub(delta) } else { b + delta }
+            if rng.gen_bool(0.5) {
+                b.saturating_sub(delta)
+            } else {
+                b + delta
+            }
         }
         2 => size - len, // the very end
         _ => rng.gen_range(0..size),
@@ -61,12 +65,7 @@ fn compare(model: &[u8], dir: &TestDir, d: &Daemon, what: &str) {
     if got != model {
         let i = (0..model.len()).find(|&i| got[i] != model[i]).unwrap();
         let end = (i..model.len()).find(|&j| got[j] == model[j]).unwrap_or(model.len());
-        panic!(
-            "{what}: volume differs from the model at bytes [{i}, {end}) (first: got {:#04x}, want {:#04x})\n{}",
-            got[i],
-            model[i],
-            d.context()
-        );
+        panic!("{what}: volume differs from the model at bytes [{i}, {end}) (first: got {:#04x}, want {:#04x})\n{}", got[i], model[i], d.context());
     }
     std::fs::remove_file(&out).unwrap();
 }
@@ -201,7 +200,14 @@ fn model_ec_5_3_chunk_4k() {
 #[test]
 fn model_ec_2_1_chunk_20k() {
     run_model(
-        Geo { tag: "mdl-ec21", args: &["--level", "ec", "--data", "2", "--parity", "1", "--chunk", "20KiB"], members: 3, chunk: 20 * KIB, k: 2, redundant: true },
+        Geo {
+            tag: "mdl-ec21",
+            args: &["--level", "ec", "--data", "2", "--parity", "1", "--chunk", "20KiB"],
+            members: 3,
+            chunk: 20 * KIB,
+            k: 2,
+            redundant: true,
+        },
         7,
     );
 }

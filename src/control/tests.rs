@@ -68,6 +68,7 @@ pub(crate) fn sample_status() -> VolumeStatus {
         }],
         max_rebuild_rate: Some(200 << 20),
         scrub: None,
+        intent: Default::default(),
     }
 }
 

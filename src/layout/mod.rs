@@ -72,8 +72,9 @@ impl std::str::FromStr for Level {
 pub const MIN_CHUNK: u64 = 4096;
 /// Largest chunk: keeps a full-stripe buffer (k+m chunks) within reason.
 pub const MAX_CHUNK: u64 = 64 << 20;
-/// Shard indices and member indices must fit the GF(2^8) Reed-Solomon limit and a `u8` on disk.
-pub const MAX_MEMBERS: u32 = 255;
+/// Members per volume at most: the superblock keeps a table entry per slot in one 4 KiB block
+/// (and GF(2^8) Reed-Solomon allows 256 shards in any case).
+pub const MAX_MEMBERS: u32 = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
@@ -128,7 +129,7 @@ pub struct Location {
 
 impl Geometry {
     /// Validates: raid0 >= 2 members, raid1 >= 2, raid5 >= 3, ec: data >= 2, parity >= 1,
-    /// data+parity == members, members <= 255 total; chunk a multiple of 4096 and between
+    /// data+parity == members, members <= 128 total; chunk a multiple of 4096 and between
     /// 4 KiB and 64 MiB; member_data_bytes >= chunk.
     /// `ec` is Some((k, m)) only for Level::Ec. stripes = member_data_bytes / chunk (remainder unused).
     pub fn new(level: Level, members: u32, ec: Option<(u32, u32)>, chunk: u64, member_data_bytes: u64) -> Result<Geometry, LayoutError> {

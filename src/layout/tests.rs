@@ -177,7 +177,7 @@ fn rejects_bad_shapes_with_clear_messages() {
     assert_eq!(err(Level::Raid5, 2, None, 4096, 1 << 20), "raid5 needs at least 3 members, got 2");
     assert_eq!(err(Level::Raid0, 1, None, 4096, 1 << 20), "raid0 needs at least 2 members, got 1");
     assert_eq!(err(Level::Raid1, 1, None, 4096, 1 << 20), "raid1 needs at least 2 members, got 1");
-    assert!(err(Level::Raid5, 256, None, 4096, 1 << 20).contains("at most 255"));
+    assert!(err(Level::Raid5, 129, None, 4096, 1 << 20).contains("at most 128"));
     assert!(err(Level::Ec, 6, None, 4096, 1 << 20).contains("--data"));
     assert!(err(Level::Raid5, 4, Some((3, 1)), 4096, 1 << 20).contains("only apply to level ec"));
     assert!(err(Level::Ec, 3, Some((1, 2)), 4096, 1 << 20).contains("at least 2 data"));
@@ -188,9 +188,9 @@ fn rejects_bad_shapes_with_clear_messages() {
     assert!(err(Level::Raid0, 2, None, 0, 1 << 20).contains("outside"));
     assert!(err(Level::Raid0, 2, None, 128 << 20, 1 << 30).contains("outside"));
     assert!(err(Level::Raid0, 2, None, 65536, 65535).contains("smaller than one chunk"));
-    assert!(err(Level::Raid0, 255, None, 4096, u64::MAX).contains("overflows"));
-    // 255 members is allowed; chunk need not be a power of two.
-    Geometry::new(Level::Ec, 255, Some((250, 5)), 3 * 4096, 1 << 20).unwrap();
+    assert!(err(Level::Raid0, 128, None, 4096, u64::MAX).contains("overflows"));
+    // 128 members is allowed; chunk need not be a power of two.
+    Geometry::new(Level::Ec, 128, Some((123, 5)), 3 * 4096, 1 << 20).unwrap();
     Geometry::new(Level::Raid0, 2, None, 64 << 20, 64 << 20).unwrap();
 }
 

@@ -156,6 +156,11 @@ impl Member {
         *self.uuid.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Gives the member a new identity, written with its next superblock (a disk joining a volume).
+    pub fn assign_uuid(&self, uuid: [u8; 16]) {
+        *self.uuid.lock().unwrap_or_else(|p| p.into_inner()) = uuid;
+    }
+
     fn remember_uuid(&self, sb: &Superblock) {
         *self.uuid.lock().unwrap_or_else(|p| p.into_inner()) = sb.member_uuid;
     }
@@ -258,6 +263,13 @@ impl Member {
         Ok(())
     }
 
+    /// Memory-maps `len` bytes at `offset` (page-aligned) for reading and writing.
+    pub fn map_range(&self, offset: u64, len: usize) -> io::Result<memmap2::MmapMut> {
+        // SAFETY: the mapped range is metadata that only this process touches, and only
+        // through this mapping (the member is locked against other nbraid processes).
+        unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map_mut(&*self.file) }
+    }
+
     /// Zeroes both superblock copies, so the disk is no longer a member of anything.
     pub async fn wipe_superblocks(&self) -> Result<(), MemberError> {
         let buf = Arc::new(AlignedBuf::zeroed(2 * SUPERBLOCK_SIZE));
@@ -331,6 +343,8 @@ mod tests {
             name: "t".into(),
             slots: vec![SlotState::Active; 2],
             checkpoints: vec![0; 2],
+            slot_ids: vec![0; 2],
+            replacement_ids: vec![0; 2],
             spare: false,
             replacement: false,
         }

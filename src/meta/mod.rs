@@ -1,5 +1,6 @@
 //! On-disk formats. Every structure carries a magic, a format version and a crc32c.
 
+pub mod bitmap;
 pub mod superblock;
 
 pub use superblock::{SlotState, Superblock, SuperblockError};

@@ -23,8 +23,10 @@
 //! | 116 | 4 | flags: bit 0 spare, bit 1 replacement (others must be 0) |
 //! | 120 | 4 | name length |
 //! | 124 | 64 | volume name, UTF-8 |
-//! | 192 | 256 | slot states, one byte per slot (see [`SlotState`]) |
-//! | 448 | 2048 | per slot, u64: rebuild checkpoint (stripes done) for rebuilding/replacing slots |
+//! | 192 | 128 | slot states, one byte per slot (see [`SlotState`]) |
+//! | 320 | 1024 | per slot, u64: rebuild checkpoint (stripes done) for rebuilding/replacing slots |
+//! | 1344 | 1024 | per slot, u64: id of the member that holds the slot (see [`member_id`]) |
+//! | 2368 | 1024 | per slot, u64: id of the replacement being built for the slot, or 0 |
 //! | 4092 | 4 | crc32c of bytes 0..4092 |
 //!
 //! Two copies live at [`SUPERBLOCK_OFFSETS`]; a new superblock is written to the copy selected by
@@ -40,7 +42,7 @@ pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, 4096];
 /// Bytes reserved at the start of every member for metadata; the data area starts here.
 pub const METADATA_RESERVED: u64 = 1 << 20;
 pub const MAX_NAME_LEN: usize = 64;
-pub const MAX_SLOTS: usize = 256;
+pub const MAX_SLOTS: usize = 128;
 
 const CRC_OFFSET: usize = SUPERBLOCK_SIZE - 4;
 
@@ -98,6 +100,11 @@ pub struct Superblock {
     pub slots: Vec<SlotState>,
     /// Per slot: stripes already rebuilt, for `Rebuilding` and `Replacing` slots (else 0).
     pub checkpoints: Vec<u64>,
+    /// Per slot: [`member_id`] of the member the volume has in the slot. A disk that claims a
+    /// slot under another id was replaced there and is never trusted.
+    pub slot_ids: Vec<u64>,
+    /// Per slot: [`member_id`] of the replacement being built for it, or 0.
+    pub replacement_ids: Vec<u64>,
     /// This member is a hot spare of the volume; `member_index` is meaningless.
     pub spare: bool,
     /// This member is being built to replace the member in slot `member_index`.
@@ -106,7 +113,15 @@ pub struct Superblock {
 
 const FLAG_SPARE: u32 = 1;
 const FLAG_REPLACEMENT: u32 = 2;
-const CHECKPOINTS_OFFSET: usize = 448;
+const STATES_OFFSET: usize = 192;
+const CHECKPOINTS_OFFSET: usize = 320;
+const SLOT_IDS_OFFSET: usize = 1344;
+const REPLACEMENT_IDS_OFFSET: usize = 2368;
+
+/// A member's short identity: the first 8 bytes of its member UUID.
+pub fn member_id(uuid: &[u8; 16]) -> u64 {
+    u64::from_le_bytes(uuid[..8].try_into().expect("8 of 16 bytes"))
+}
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SuperblockError {
@@ -158,11 +173,13 @@ impl Superblock {
         b[120..124].copy_from_slice(&(name.len() as u32).to_le_bytes());
         b[124..124 + name.len()].copy_from_slice(name.as_bytes());
         for (i, s) in self.slots.iter().take(MAX_SLOTS).enumerate() {
-            b[192 + i] = s.code();
+            b[STATES_OFFSET + i] = s.code();
         }
-        for (i, c) in self.checkpoints.iter().take(MAX_SLOTS).enumerate() {
-            let at = CHECKPOINTS_OFFSET + 8 * i;
-            b[at..at + 8].copy_from_slice(&c.to_le_bytes());
+        for (table, values) in [(CHECKPOINTS_OFFSET, &self.checkpoints), (SLOT_IDS_OFFSET, &self.slot_ids), (REPLACEMENT_IDS_OFFSET, &self.replacement_ids)] {
+            for (i, v) in values.iter().take(MAX_SLOTS).enumerate() {
+                let at = table + 8 * i;
+                b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            }
         }
         let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
         b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
@@ -214,9 +231,9 @@ impl Superblock {
         let name = std::str::from_utf8(&b[124..124 + name_len]).map_err(|_| SuperblockError::Malformed("name is not UTF-8"))?.to_string();
         let mut slots = Vec::with_capacity(members as usize);
         for i in 0..members as usize {
-            slots.push(SlotState::from_code(b[192 + i]).ok_or(SuperblockError::Malformed("unknown slot state"))?);
+            slots.push(SlotState::from_code(b[STATES_OFFSET + i]).ok_or(SuperblockError::Malformed("unknown slot state"))?);
         }
-        let checkpoints = (0..members as usize).map(|i| u64_at(b, CHECKPOINTS_OFFSET + 8 * i)).collect();
+        let table = |at: usize| (0..members as usize).map(|i| u64_at(b, at + 8 * i)).collect::<Vec<u64>>();
         Ok(Superblock {
             volume_uuid: b[16..32].try_into().expect("16-byte slice"),
             member_uuid: b[32..48].try_into().expect("16-byte slice"),
@@ -233,7 +250,9 @@ impl Superblock {
             member_index,
             name,
             slots,
-            checkpoints,
+            checkpoints: table(CHECKPOINTS_OFFSET),
+            slot_ids: table(SLOT_IDS_OFFSET),
+            replacement_ids: table(REPLACEMENT_IDS_OFFSET),
             spare: flags & FLAG_SPARE != 0,
             replacement: flags & FLAG_REPLACEMENT != 0,
         })
@@ -317,6 +336,8 @@ mod tests {
             name: "vol0".into(),
             slots: vec![SlotState::Active, SlotState::Failed, SlotState::Active, SlotState::Rebuilding],
             checkpoints: vec![0, 0, 0, 12345],
+            slot_ids: vec![11, 22, 33, 44],
+            replacement_ids: vec![0, 0, 0, 55],
             spare: false,
             replacement: true,
         }

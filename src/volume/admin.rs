@@ -99,6 +99,7 @@ impl Volume {
             spares: h.spares.iter().map(|m| m.path().display().to_string()).collect(),
             rebuilds,
             max_rebuild_rate: self.rebuild.max_rate(),
+            intent: self.intent_status(),
             scrub: self.scrub_status(),
         }
     }
@@ -177,6 +178,8 @@ impl Volume {
         if member.size() < need {
             return refuse(format!("{} is too small: {} bytes, this volume needs {need} per member", path.display(), member.size()));
         }
+        // A new identity: whatever this disk held before, it is not what the volume has recorded.
+        member.assign_uuid(crate::meta::superblock::random_uuid().map_err(|e| AdminError::Refused(format!("random UUID: {e}")))?);
         Ok(Arc::new(member))
     }
 

@@ -6,7 +6,7 @@ use super::{locks::StripeLocks, Volume};
 use crate::codec::Codec;
 use crate::layout::{Geometry, Level};
 use crate::member::{Access, Member, MemberError};
-use crate::meta::superblock::{uuid_string, Superblock};
+use crate::meta::superblock::{member_id, uuid_string, Superblock};
 use crate::meta::SlotState;
 use crate::uring::Engine;
 use futures::future::join_all;
@@ -57,9 +57,12 @@ pub async fn assemble(paths: &[PathBuf], engine: &Arc<Engine>, access: Access) -
     }
     let found = open_members(paths, engine, access).await?;
     let (volume, changed) = from_members(found, engine)?;
-    if changed && access == Access::Exclusive {
-        // Record the members found missing or stale, so they are known stale if they return.
-        volume.persist_progress().await;
+    if access == Access::Exclusive {
+        volume.resync_dirty().await;
+        if changed {
+            // Record the members found missing or stale, so they are known stale if they return.
+            volume.persist_progress().await;
+        }
     }
     Ok(volume)
 }
@@ -108,7 +111,8 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
     let mut changed = false;
     let mut slots = Vec::with_capacity(n);
     for (slot, mut claimants) in claims.into_iter().enumerate() {
-        claimants.sort_by_key(|(_, sb)| std::cmp::Reverse(sb.event));
+        // The member recorded for the slot first, then the newest.
+        claimants.sort_by_key(|(_, sb)| (member_id(&sb.member_uuid) != reference.slot_ids[slot], std::cmp::Reverse(sb.event)));
         let mut claimants = claimants.into_iter();
         let chosen = claimants.next();
         for (m, sb) in claimants {
@@ -117,7 +121,9 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         let recorded = reference.slots[slot];
         let mut entry = SlotEntry { member: None, state: recorded, replacement: None, stale: None, former_stats: Default::default() };
         match chosen {
-            Some((m, sb)) if recorded == SlotState::Failed || (sb.event < reference.event && sb.slots[slot] != recorded) => {
+            // Trusted only if it is the member the volume has recorded in this slot, and the
+            // slot has not failed since: anything else missed writes.
+            Some((m, sb)) if recorded == SlotState::Failed || member_id(&sb.member_uuid) != reference.slot_ids[slot] => {
                 tracing::warn!(
                     "{}: stale member of slot {slot} (event {}, volume at {}): it missed updates while out; not used. `nbraid add` it to resync",
                     m.path().display(),
@@ -138,7 +144,7 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
             }
         }
         if entry.state == SlotState::Replacing {
-            match replacements[slot].take() {
+            match replacements[slot].take().filter(|r| member_id(&r.uuid()) == reference.replacement_ids[slot]) {
                 Some(r) => entry.replacement = Some(Arc::new(r)),
                 None => {
                     tracing::warn!("slot {slot}: the replacement being built is missing; the replace is abandoned");
@@ -180,6 +186,7 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         meta: tokio::sync::Mutex::new(reference),
         rebuild: Default::default(),
         scrub: Default::default(),
+        intent: super::intent::Intent::new(geometry.stripes, geometry.chunk),
         engine: engine.clone(),
     };
     Ok((volume, changed))

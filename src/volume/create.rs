@@ -1,8 +1,11 @@
 //! Creating a volume: preparing member files or devices and writing their superblocks.
 
+use crate::buf::AlignedBuf;
 use crate::layout::{Geometry, LayoutError, Level};
 use crate::member::{Access, Member, MemberError};
-use crate::meta::superblock::{random_uuid, uuid_string, SlotState, Superblock, SuperblockError, MAX_NAME_LEN, METADATA_RESERVED};
+use crate::meta::bitmap;
+use crate::meta::superblock::{member_id, random_uuid, uuid_string, SlotState, Superblock, SuperblockError, MAX_NAME_LEN, METADATA_RESERVED};
+use crate::uring::BufRange;
 use crate::uring::Engine;
 use futures::future::join_all;
 use std::fs::OpenOptions;
@@ -120,13 +123,28 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
         name: spec.name.clone(),
         slots: vec![SlotState::Active; n as usize],
         checkpoints: vec![0; n as usize],
+        slot_ids: vec![0; n as usize],
+        replacement_ids: vec![0; n as usize],
         spare: false,
         replacement: false,
     };
-    for (i, m) in opened.iter().enumerate() {
+    // A clean write-intent bitmap on every member, so the first start resyncs nothing.
+    let (region_stripes, regions) = super::intent::intent_geometry(geometry.stripes, geometry.chunk);
+    let mut area = AlignedBuf::zeroed(bitmap::bitmap_len(regions));
+    bitmap::seal(&mut area, &volume_uuid, region_stripes, regions);
+    let area = Arc::new(area);
+    for m in &opened {
+        m.write_at(bitmap::BITMAP_OFFSET, BufRange::whole(area.clone())).await?;
+    }
+    let mut uuids = Vec::with_capacity(opened.len());
+    for m in &opened {
+        uuids.push(random_uuid().map_err(|source| CreateError::Prepare { path: m.path().to_path_buf(), action: "random UUID", source })?);
+    }
+    template.slot_ids = uuids.iter().map(member_id).collect();
+    for (i, (m, uuid)) in opened.iter().zip(&uuids).enumerate() {
         let mut sb = template.clone();
         sb.member_index = i as u32;
-        sb.member_uuid = random_uuid().map_err(|source| CreateError::Prepare { path: m.path().to_path_buf(), action: "random UUID", source })?;
+        sb.member_uuid = *uuid;
         m.write_superblock_both(&sb).await?;
     }
     template.member_index = 0;

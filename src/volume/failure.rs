@@ -8,6 +8,7 @@
 use super::health::Health;
 use super::Volume;
 use crate::member::{Member, MemberError};
+use crate::meta::superblock::member_id;
 use crate::meta::{SlotState, Superblock};
 use futures::future::join_all;
 use std::sync::Arc;
@@ -81,6 +82,7 @@ impl Volume {
                 return;
             }
             self.set_health(next.clone());
+            self.map_intent(&next);
             let failed = self.write_superblocks(sb, &next).await;
             if failed.is_empty() {
                 if next.rebuilding() {
@@ -102,6 +104,13 @@ impl Volume {
     pub(super) async fn write_superblocks(&self, sb: &mut Superblock, h: &Health) -> Vec<(Arc<Member>, MemberError)> {
         sb.event += 1;
         sb.slots = h.slots.iter().map(|e| e.state).collect();
+        for (i, e) in h.slots.iter().enumerate() {
+            // A failed slot keeps the id of the member that failed, so that disk stays untrusted.
+            if let Some(m) = &e.member {
+                sb.slot_ids[i] = member_id(&m.uuid());
+            }
+            sb.replacement_ids[i] = e.replacement.as_ref().map_or(0, |r| member_id(&r.uuid()));
+        }
         sb.checkpoints = (0..h.slots.len())
             .map(|i| match h.slots[i].state {
                 SlotState::Rebuilding | SlotState::Replacing => self.progress.get(i),

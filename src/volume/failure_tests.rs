@@ -289,3 +289,30 @@ async fn scrub_finds_and_repairs_parity_mismatches() {
         assert_matches(&vol, &model, "degraded after scrub repair").await;
     }
 }
+
+/// A disk replaced in its slot must never be trusted again, even when its successor is absent
+/// and its own superblock still calls it active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_disk_is_stale_even_without_its_successor() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new().unwrap();
+    let spec = spec(dir.path(), Level::Raid5, 4, None);
+    create(&spec, &engine).await.unwrap();
+    let model = Mutex::new(vec![0u8; 0]);
+    {
+        let vol = Arc::new(assemble(&spec.members, &engine, Access::Exclusive).await.unwrap());
+        vol.start_background();
+        *model.lock().unwrap() = vec![0u8; vol.size() as usize];
+        scribble(&vol, &model, 11, 30).await;
+        vol.fail("1").await.unwrap();
+        vol.add(&blank(dir.path(), "e")).await.unwrap();
+        wait_optimal(&vol).await;
+        scribble(&vol, &model, 12, 30).await;
+        vol.shutdown().await;
+    }
+    // The old slot-1 disk comes back instead of its successor.
+    let vol = assemble(&spec.members, &engine, Access::Exclusive).await.unwrap();
+    let st = vol.status();
+    assert_eq!((st.state, st.slots[1].state.as_str()), (VolumeState::Degraded, "failed"), "{st:?}");
+    assert_matches(&vol, &model, "old disk present, successor absent").await;
+}

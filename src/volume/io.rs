@@ -238,7 +238,9 @@ impl Volume {
             let start = offset / BLOCK * BLOCK;
             let end = (offset + len).div_ceil(BLOCK) * BLOCK;
             let sdb = self.geometry.stripe_data_bytes();
-            let _guards = self.locks.lock_all(start / sdb..=(end - 1) / sdb).await;
+            let (first, last) = (start / sdb, (end - 1) / sdb);
+            let _guards = self.locks.lock_all(first..=last).await;
+            let _marked = self.intent.mark(first, last).await;
             let buf = if start == offset && end == offset + len { data } else { self.widen_to_blocks(start, end, offset, &data).await? };
             let buf = Arc::new(buf);
             let extents = self.geometry.map(start, buf.len() as u64);

@@ -12,6 +12,7 @@ mod failure;
 #[cfg(test)]
 mod failure_tests;
 mod health;
+mod intent;
 mod io;
 mod locks;
 mod rebuild;
@@ -65,6 +66,7 @@ pub struct Volume {
     meta: tokio::sync::Mutex<Superblock>,
     rebuild: Arc<rebuild::RebuildControl>,
     scrub: scrub::ScrubState,
+    intent: intent::Intent,
     /// For opening members added at run time.
     engine: Arc<crate::uring::Engine>,
 }

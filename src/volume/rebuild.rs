@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Bytes of each member handled per batch (and per stripe-lock hold).
-const BATCH_BYTES: u64 = 1 << 20;
+const BATCH_BYTES: u64 = 8 << 20;
 /// How often the checkpoint is written to the superblocks.
 const PERSIST_EVERY: Duration = Duration::from_secs(2);
 
@@ -132,6 +132,7 @@ impl Volume {
         });
         *self.rebuild.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         self.rebuild.wake();
+        self.start_intent_cleaner();
     }
 
     /// Rebuilds every slot that needs it, one after the other.

@@ -145,6 +145,34 @@ impl Volume {
         Ok(())
     }
 
+    /// Resync after a crash: makes stripes [first, end) consistent. Returns (stripes repaired,
+    /// stripes that could not be checked).
+    pub(super) async fn resync_range(&self, first: u64, end: u64) -> (u64, u64) {
+        let batch_stripes = (BATCH_BYTES / self.geometry.chunk).max(1);
+        let (mut repaired, mut skipped) = (0, 0);
+        let mut s = first;
+        while s < end {
+            let batch = batch_stripes.min(end - s);
+            let verdicts = {
+                let _guards = self.locks.lock_all(s..s + batch).await;
+                self.scrub_batch(s, batch, true).await
+            };
+            match verdicts {
+                Ok(Some(v)) => {
+                    repaired += v.iter().filter(|v| matches!(v, Verdict::Mismatch)).count() as u64;
+                    skipped += v.iter().filter(|v| matches!(v, Verdict::Skipped)).count() as u64;
+                }
+                Ok(None) => continue, // a member failed: this batch again, with what is left
+                Err(e) => {
+                    tracing::error!("resync of stripes {s}..{} failed: {e}", s + batch);
+                    skipped += batch;
+                }
+            }
+            s += batch;
+        }
+        (repaired, skipped)
+    }
+
     /// Checks (and repairs) stripes [first, first + batch); `None` if a member failed on the
     /// way and the batch must be done again. Caller holds the stripe locks.
     async fn scrub_batch(&self, first: u64, batch: u64, repair: bool) -> Result<Option<Vec<Verdict>>, VolumeError> {
@@ -192,7 +220,9 @@ impl Volume {
             }
             verdicts.push(Verdict::Mismatch);
         }
-        if repair {
+        if rewrites.iter().any(|r| !r.is_empty()) {
+            // A crash during the repair writes must leave these stripes marked for resync.
+            let _marked = self.intent.mark(first, last).await;
             let bufs: Vec<Arc<AlignedBuf>> = bufs.into_iter().map(Arc::new).collect();
             let mut writes = Vec::new();
             for (slot, stripes) in rewrites.iter().enumerate() {

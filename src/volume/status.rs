@@ -32,6 +32,8 @@ pub struct VolumeStatus {
     pub rebuilds: Vec<RebuildStatus>,
     /// Rebuild throttle in bytes per second written to the new member; `None` is unlimited.
     pub max_rebuild_rate: Option<u64>,
+    /// The write-intent bitmap.
+    pub intent: IntentStatus,
     /// The running or last finished scrub since the daemon started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scrub: Option<ScrubStatus>,
@@ -83,4 +85,19 @@ pub struct RebuildStatus {
     /// Recent rebuild rate in bytes per second.
     pub rate: f64,
     pub eta_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IntentStatus {
+    /// Bytes of each member one bit covers.
+    pub region_bytes: u64,
+    pub regions: u64,
+    /// Regions marked as possibly holding writes not yet durable everywhere.
+    pub dirty_regions: u64,
+    /// Regions found dirty at start (after an unclean stop) and resynced.
+    pub resync_regions: u64,
+    /// Of their stripes, how many had parity or mirrors that disagreed and were rewritten.
+    pub resync_repaired: u64,
+    /// Dirty stripes that could not be resynced because a member is lost.
+    pub resync_skipped: u64,
 }

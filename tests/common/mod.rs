@@ -8,6 +8,7 @@
 //! Teardown is by Drop guards, so it also happens when an assertion fails half-way.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod nbd;
 
 use std::collections::BTreeMap;
@@ -72,12 +73,7 @@ pub fn run(cmd: &mut Command) -> Output {
 }
 
 pub fn show(o: &Output) -> String {
-    format!(
-        "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 /// Run and require exit status 0.
@@ -103,10 +99,7 @@ impl TestDir {
         if base.as_os_str().len() > 60 {
             base = PathBuf::from("/tmp");
         }
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("nbraid-{tag}-"))
-            .tempdir_in(&base)
-            .expect("create temp dir");
+        let dir = tempfile::Builder::new().prefix(&format!("nbraid-{tag}-")).tempdir_in(&base).expect("create temp dir");
         let path = dir.path().to_path_buf();
         if std::env::var_os("NBRAID_KEEP_TMP").is_some() {
             let p = dir.keep();
@@ -291,22 +284,13 @@ impl Daemon {
         let start = Instant::now();
         loop {
             if let Some(st) = self.child_status() {
-                panic!(
-                    "nbraid serve {:?} exited early with {st} before becoming ready\n--- daemon stderr ---\n{}",
-                    self.members,
-                    self.stderr()
-                );
+                panic!("nbraid serve {:?} exited early with {st} before becoming ready\n--- daemon stderr ---\n{}", self.members, self.stderr());
             }
             if self.sock.exists() && UnixStream::connect(&self.sock).is_ok() {
                 return;
             }
             if start.elapsed() > READY_TIMEOUT {
-                panic!(
-                    "nbraid serve did not accept on {} within {:?}\n--- daemon stderr ---\n{}",
-                    self.sock.display(),
-                    READY_TIMEOUT,
-                    self.stderr()
-                );
+                panic!("nbraid serve did not accept on {} within {:?}\n--- daemon stderr ---\n{}", self.sock.display(), READY_TIMEOUT, self.stderr());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -355,11 +339,7 @@ impl Daemon {
         let st = self.terminate(libc::SIGTERM);
         match st {
             Some(st) => st,
-            None => panic!(
-                "nbraid serve did not exit within {:?} of SIGTERM (killed)\n--- daemon stderr ---\n{}",
-                EXIT_TIMEOUT,
-                self.stderr()
-            ),
+            None => panic!("nbraid serve did not exit within {:?} of SIGTERM (killed)\n--- daemon stderr ---\n{}", EXIT_TIMEOUT, self.stderr()),
         }
     }
 
@@ -926,12 +906,7 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> usize {
 pub fn assert_same_file(got: &Path, want: &Path, what: &str) {
     let (g, w) = (sha256_file(got), sha256_file(want));
     if g != w {
-        panic!(
-            "{what}: sha256 differs ({} {g} vs {} {w}); first difference at byte {:?}",
-            got.display(),
-            want.display(),
-            first_diff(got, want)
-        );
+        panic!("{what}: sha256 differs ({} {g} vs {} {w}); first difference at byte {:?}", got.display(), want.display(), first_diff(got, want));
     }
 }
 
@@ -1032,14 +1007,7 @@ impl FaultyMember {
         let trigger = dir.join(format!("{tag}.FAIL"));
         let kit = Nbdkit::start(
             dir,
-            &[
-                "--filter=error",
-                "file",
-                backing.to_str().unwrap(),
-                "error=EIO",
-                "error-rate=100%",
-                &format!("error-file={}", trigger.display()),
-            ],
+            &["--filter=error", "file", backing.to_str().unwrap(), "error=EIO", "error-rate=100%", &format!("error-file={}", trigger.display())],
         );
         let fuse = Fuse::start(&dir.join(format!("{tag}-fuse")), &kit.sock, &dir.join(format!("{tag}-nbdfuse.log")));
         FaultyMember { fuse, kit, backing, trigger }
@@ -1066,6 +1034,6 @@ pub fn status_json(ctl: &Path) -> serde_json::Value {
 }
 
 /// `nbraid SUBCOMMAND --control CTL ARGS...`, which must succeed.
-pub fn admin(sub: &str, ctl: &Path, args: &[&std::ffi::OsStr]) -> Output {
+pub fn ctl_cmd(sub: &str, ctl: &Path, args: &[&std::ffi::OsStr]) -> Output {
     run_ok(nbraid().arg(sub).arg("--control").arg(ctl).args(args))
 }

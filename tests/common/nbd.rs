@@ -217,4 +217,3 @@ impl Client {
         self.reply(cookie)
     }
 }
-

@@ -1,0 +1,312 @@
+//! The write-intent bitmap in use: marking regions dirty before writing them, cleaning idle
+//! regions once their writes are durable, and resyncing dirty regions after a crash.
+//!
+//! Every member carries a copy (memory-mapped), so the bitmap survives the loss of members;
+//! after a crash the union of all copies is resynced. Setting a bit is made durable (msync)
+//! before the write it covers is issued; only the first write to a clean region pays for it.
+
+use super::health::Health;
+use super::status::IntentStatus;
+use super::Volume;
+use crate::member::{Identity, Member};
+use crate::meta::bitmap::{self, BITMAP_OFFSET, PAGE};
+use memmap2::MmapMut;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Smallest region, in bytes of each member: small enough that a resync is quick, large
+/// enough that random writes do not pay an msync for every new region.
+const MIN_REGION_BYTES: u64 = 4 << 20;
+/// How often idle regions are cleaned.
+const CLEAN_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// (stripes per region, regions) for a volume of `stripes` stripes of `chunk` bytes.
+pub(super) fn intent_geometry(stripes: u64, chunk: u64) -> (u64, u64) {
+    let region_stripes = (MIN_REGION_BYTES / chunk).max(1).max(stripes.div_ceil(bitmap::MAX_REGIONS));
+    (region_stripes, bitmap::regions_for(stripes, region_stripes))
+}
+
+struct Regions {
+    /// Per region: the generation at which its bit was set, 0 when clean.
+    set_gen: Vec<u64>,
+    /// Per region: writes in flight.
+    inflight: Vec<u32>,
+    /// Per region: written since the cleaner last looked.
+    touched: Vec<bool>,
+    /// The bits as they should be on disk.
+    bits: Vec<u8>,
+    gen: u64,
+}
+
+pub(super) struct Intent {
+    pub region_stripes: u64,
+    pub regions: u64,
+    state: Mutex<Regions>,
+    /// Every bit set at a generation up to this one is durable on every member's copy.
+    durable_gen: AtomicU64,
+    /// One msync round at a time.
+    persisting: tokio::sync::Mutex<()>,
+    maps: Mutex<Vec<(Identity, MmapMut)>>,
+    /// What the resync after the last start found and did.
+    resync: Mutex<(u64, u64, u64)>,
+}
+
+/// Keeps a region counted as being written until dropped.
+pub(super) struct Marked<'a> {
+    intent: &'a Intent,
+    regions: std::ops::RangeInclusive<u64>,
+}
+
+impl Drop for Marked<'_> {
+    fn drop(&mut self) {
+        let mut st = self.intent.lock();
+        for r in self.regions.clone() {
+            st.inflight[r as usize] = st.inflight[r as usize].saturating_sub(1);
+        }
+    }
+}
+
+impl Intent {
+    pub fn new(stripes: u64, chunk: u64) -> Intent {
+        let (region_stripes, regions) = intent_geometry(stripes, chunk);
+        let n = regions as usize;
+        Intent {
+            region_stripes,
+            regions,
+            state: Mutex::new(Regions {
+                set_gen: vec![0; n],
+                inflight: vec![0; n],
+                touched: vec![false; n],
+                bits: vec![0; bitmap::pages(regions) * PAGE],
+                gen: 0,
+            }),
+            durable_gen: AtomicU64::new(0),
+            persisting: tokio::sync::Mutex::new(()),
+            maps: Mutex::new(Vec::new()),
+            resync: Mutex::new((0, 0, 0)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Regions> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn area_len(&self) -> usize {
+        bitmap::bitmap_len(self.regions)
+    }
+
+    /// Marks stripes [first, last] as being written; returns once the marks are durable.
+    pub async fn mark(&self, first: u64, last: u64) -> Marked<'_> {
+        let regions = first / self.region_stripes..=last / self.region_stripes;
+        let need = {
+            let mut st = self.lock();
+            let mut need = 0;
+            for r in regions.clone() {
+                let i = r as usize;
+                st.inflight[i] += 1;
+                st.touched[i] = true;
+                if st.set_gen[i] == 0 {
+                    st.gen += 1;
+                    st.set_gen[i] = st.gen;
+                    st.bits[i / 8] |= 1 << (i % 8);
+                }
+                need = need.max(st.set_gen[i]);
+            }
+            need
+        };
+        let marked = Marked { intent: self, regions };
+        if need > self.durable_gen.load(Ordering::Acquire) {
+            let _one = self.persisting.lock().await;
+            if need > self.durable_gen.load(Ordering::Acquire) {
+                self.persist();
+            }
+        }
+        marked
+    }
+
+    /// Writes the in-memory bits to every member's copy and msyncs them.
+    fn persist(&self) {
+        let (bits, gen) = {
+            let st = self.lock();
+            (st.bits.clone(), st.gen)
+        };
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        tokio::task::block_in_place(|| {
+            for (_, map) in maps.iter_mut() {
+                write_bits(map, &bits);
+                if let Err(e) = map.flush() {
+                    // The member's data writes will fail the same way and fail the member.
+                    tracing::error!("write-intent bitmap msync failed: {e}");
+                }
+            }
+        });
+        self.durable_gen.store(gen, Ordering::Release);
+    }
+
+    /// Idle dirty regions, noting that nothing has touched them yet (see [`Intent::clean`]).
+    fn clean_candidates(&self) -> Vec<u64> {
+        let mut st = self.lock();
+        let mut out = Vec::new();
+        for i in 0..st.set_gen.len() {
+            if st.set_gen[i] != 0 && st.inflight[i] == 0 {
+                st.touched[i] = false;
+                out.push(i as u64);
+            }
+        }
+        out
+    }
+
+    /// Clears the candidates that stayed untouched; caller made their writes durable since
+    /// [`Intent::clean_candidates`].
+    async fn clean(&self, candidates: &[u64]) {
+        {
+            let mut st = self.lock();
+            for &r in candidates {
+                let i = r as usize;
+                if st.inflight[i] == 0 && !st.touched[i] {
+                    st.set_gen[i] = 0;
+                    st.bits[i / 8] &= !(1 << (i % 8));
+                }
+            }
+        }
+        let _one = self.persisting.lock().await;
+        self.persist();
+    }
+
+    pub fn dirty_count(&self) -> u64 {
+        self.lock().set_gen.iter().filter(|&&g| g != 0).count() as u64
+    }
+
+    pub fn status(&self, region_bytes: u64) -> IntentStatus {
+        let (resync_regions, resync_repaired, resync_skipped) = *self.resync.lock().unwrap_or_else(|p| p.into_inner());
+        IntentStatus { region_bytes, regions: self.regions, dirty_regions: self.dirty_count(), resync_regions, resync_repaired, resync_skipped }
+    }
+}
+
+fn write_bits(map: &mut MmapMut, bits: &[u8]) {
+    let (header, body) = map.split_at_mut(PAGE);
+    for (i, (page, new)) in body.chunks_mut(PAGE).zip(bits.chunks(PAGE)).enumerate() {
+        if page != new {
+            page.copy_from_slice(new);
+            bitmap::reseal_page_crc(header, i, page);
+        }
+    }
+    bitmap::reseal_header(header);
+}
+
+impl Volume {
+    /// Maps the bitmap area of every member in `h` that has no mapping yet (sealing a fresh
+    /// copy of the current bits on it) and drops mappings of members that left.
+    pub(super) fn map_intent(&self, h: &Health) {
+        let members: Vec<&Arc<Member>> = h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter())).chain(h.spares.iter()).collect();
+        let bits = self.intent.lock().bits.clone();
+        let mut maps = self.intent.maps.lock().unwrap_or_else(|p| p.into_inner());
+        maps.retain(|(id, _)| members.iter().any(|m| m.identity() == *id));
+        for m in members {
+            if maps.iter().any(|(id, _)| *id == m.identity()) {
+                continue;
+            }
+            match m.map_range(BITMAP_OFFSET, self.intent.area_len()) {
+                Ok(mut map) => {
+                    if bitmap::dirty_regions(&map, &self.uuid, self.intent.region_stripes, self.intent.regions).is_err() {
+                        bitmap::seal(&mut map, &self.uuid, self.intent.region_stripes, self.intent.regions);
+                    }
+                    write_bits(&mut map, &bits);
+                    if let Err(e) = map.flush() {
+                        tracing::error!("{}: cannot write the write-intent bitmap: {e}", m.path().display());
+                    }
+                    maps.push((m.identity(), map));
+                }
+                Err(e) => tracing::error!("{}: cannot map the write-intent bitmap: {e}", m.path().display()),
+            }
+        }
+    }
+
+    /// After assembly: read the members' bitmaps and bring every dirty region's stripes back to
+    /// consistency (parity recomputed from data) before serving.
+    pub(super) async fn resync_dirty(&self) {
+        // Read the on-disk bits before mapping writes the (clean) in-memory bits over them.
+        let h = self.health();
+        let mut on_disk = std::collections::BTreeSet::new();
+        let mut valid = 0;
+        for m in h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter())) {
+            if let Ok(map) = m.map_range(BITMAP_OFFSET, self.intent.area_len()) {
+                if let Ok(d) = bitmap::dirty_regions(&map, &self.uuid, self.intent.region_stripes, self.intent.regions) {
+                    valid += 1;
+                    on_disk.extend(d);
+                }
+            }
+        }
+        let dirty: Vec<u64> = if valid == 0 {
+            tracing::warn!("no readable write-intent bitmap on any member: resyncing the whole volume");
+            (0..self.intent.regions).collect()
+        } else {
+            on_disk.into_iter().collect()
+        };
+        // Keep those regions marked while resyncing, so a crash now resyncs them again.
+        {
+            let mut st = self.intent.lock();
+            for &r in &dirty {
+                let i = r as usize;
+                st.gen += 1;
+                st.set_gen[i] = st.gen;
+                st.bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        self.map_intent(&h);
+        if dirty.is_empty() || self.geometry.level == crate::layout::Level::Raid0 {
+            // raid0 has no redundancy that could disagree: nothing to resync.
+            let candidates = self.intent.clean_candidates();
+            self.intent.clean(&candidates).await;
+            return;
+        }
+        tracing::info!("resyncing {} dirty region(s) of {} after an unclean stop", dirty.len(), self.intent.regions);
+        let (mut repaired, mut skipped) = (0, 0);
+        for &r in &dirty {
+            let first = r * self.intent.region_stripes;
+            let last = (first + self.intent.region_stripes).min(self.geometry.stripes);
+            let (rep, skip) = self.resync_range(first, last).await;
+            repaired += rep;
+            skipped += skip;
+        }
+        if skipped > 0 {
+            tracing::warn!("{skipped} dirty stripe(s) could not be resynced: a member is lost (their parity may not match)");
+        }
+        *self.intent.resync.lock().unwrap_or_else(|p| p.into_inner()) = (dirty.len() as u64, repaired, skipped);
+        let candidates = self.intent.clean_candidates();
+        if self.flush().await.is_ok() {
+            self.intent.clean(&candidates).await;
+        }
+    }
+
+    /// Periodic: clears the bits of regions with no write since the last look, after making
+    /// their writes durable.
+    pub(super) async fn clean_intent(&self) {
+        let candidates = self.intent.clean_candidates();
+        if candidates.is_empty() {
+            return;
+        }
+        if self.flush().await.is_ok() {
+            self.intent.clean(&candidates).await;
+        }
+    }
+
+    pub(super) fn intent_status(&self) -> IntentStatus {
+        self.intent.status(self.intent.region_stripes * self.geometry.chunk)
+    }
+
+    /// Starts the task that cleans idle regions every few seconds; it holds the volume weakly.
+    pub(super) fn start_intent_cleaner(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CLEAN_EVERY).await;
+                let Some(volume) = weak.upgrade() else { return };
+                if volume.rebuild_stopping() {
+                    return;
+                }
+                volume.clean_intent().await;
+            }
+        });
+    }
+}
