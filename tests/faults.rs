@@ -25,21 +25,6 @@ fn patterns(size: u64) -> Shadow {
     s
 }
 
-/// `check_clean`, retrying (bounded) only while the killed daemon's member lock is stale.
-fn check_clean_after_crash(m: &[PathBuf]) {
-    let t = std::time::Instant::now();
-    loop {
-        let o = run(nbraid().arg("check").args(m));
-        if String::from_utf8_lossy(&o.stderr).contains("in use by another nbraid process") && t.elapsed() < EXIT_TIMEOUT {
-            eprintln!("NOTE: check after kill -9 found a stale member lock; retrying");
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            continue;
-        }
-        break;
-    }
-    check_clean(m);
-}
-
 /// Everything acknowledged before a kill -9 of an idle daemon is on the members: readable after
 /// restart, and every stripe consistent (nothing was in flight).
 fn kill9_idle(tag: &str, args: &[&str], n: usize) {
@@ -57,7 +42,7 @@ fn kill9_idle(tag: &str, args: &[&str], n: usize) {
     let s = patterns(size);
     s.apply(&uri);
     d.kill9();
-    check_clean_after_crash(&m);
+    check_clean(&m);
     let d = Daemon::start_after_crash(&dir, &shuffled(&m, 5));
     let mut verify_a: Vec<&str> = REGION_A.to_vec();
     verify_a.push("--verify_only");
