@@ -43,7 +43,7 @@ fn kill9_idle(tag: &str, args: &[&str], n: usize) {
     s.apply(&uri);
     d.kill9();
     check_clean(&m);
-    let d = Daemon::start(&dir, &shuffled(&m, 5));
+    let d = Daemon::start_after_crash(&dir, &shuffled(&m, 5));
     let mut verify_a: Vec<&str> = REGION_A.to_vec();
     verify_a.push("--verify_only");
     fio_ctx(&fio_args(&d.uri(), &verify_a), &|| d.context());
@@ -82,6 +82,7 @@ fn kill9_under_load_raid5() {
     // region B = [32 MiB, 64 MiB): random writes from four connections, killed part-way
     let log = std::fs::File::create(dir.join("fio-load.log")).unwrap();
     let mut load = Command::new(tool("fio"))
+        .arg("--verify_state_save=0")
         .args(fio_args(
             &uri,
             &["--rw=randwrite", "--bsrange=4k-256k", "--offset=32m", "--size=32m", "--numjobs=4", "--iodepth=16", "--number_ios=100000", "--norandommap"],
@@ -105,7 +106,7 @@ fn kill9_under_load_raid5() {
     let st = load.wait().unwrap();
     assert!(!st.success(), "the fio load should have been cut off by the kill");
 
-    let d = Daemon::start(&dir, &m);
+    let d = Daemon::start_after_crash(&dir, &m);
     let mut verify_a: Vec<&str> = REGION_A.to_vec();
     verify_a.push("--verify_only");
     fio_ctx(&fio_args(&d.uri(), &verify_a), &|| d.context());
@@ -129,7 +130,7 @@ fn degraded(tag: &str, args: &[&str], good: usize, faulty: usize) {
     let mut a = args.to_vec();
     a.push("--force"); // nbdfuse files have no holes to show, so they look like data
     create(&a, &m);
-    let d = Daemon::start(&dir, &m);
+    let (d, ctl) = Daemon::start_controlled(&dir, &m);
     let uri = d.uri();
     let mut write_a: Vec<&str> = REGION_A.to_vec();
     write_a.push("--do_verify=0");
@@ -144,6 +145,12 @@ fn degraded(tag: &str, args: &[&str], good: usize, faulty: usize) {
     verify_a.push("--verify_only");
     fio_ctx(&fio_args(&uri, &verify_a), &|| d.context());
     s.verify(&uri);
+    let st = status_json(&ctl);
+    assert_eq!(st["state"].as_str(), Some("degraded"), "status after member EIO:\n{st:#}");
+    let slots = st["slots"].as_array().unwrap();
+    for k in good..good + faulty {
+        assert_eq!(slots[k]["state"].as_str(), Some("failed"), "slot {k} returned EIO but is not failed:\n{st:#}");
+    }
     // writes while degraded, then read back
     let base = s.base;
     s.write(base + 100, 300_000, 0x41);
@@ -157,25 +164,24 @@ fn degraded(tag: &str, args: &[&str], good: usize, faulty: usize) {
     }
     // the failed members are recorded as failed: the volume assembles (degraded) and the data
     // written while they were failing is there
-    let d = Daemon::start(&dir, &m);
+    let (d, ctl) = Daemon::start_controlled(&dir, &m);
     s.verify(&d.uri());
+    let st = status_json(&ctl);
+    assert_eq!(st["state"].as_str(), Some("degraded"), "a restart forgot the failed members:\n{st:#}");
     d.stop_ok();
 }
 
 #[test]
-#[ignore = "daemon: a member's EIO is returned to the client instead of degrading the volume (see tests report)"]
 fn degraded_raid5_one_failing_member() {
     degraded("deg-raid5", &["--level", "raid5"], 2, 1);
 }
 
 #[test]
-#[ignore = "daemon: a member's EIO is returned to the client instead of degrading the volume (see tests report)"]
 fn degraded_ec_4_2_two_failing_members() {
     degraded("deg-ec42", &["--level", "ec", "--data", "4", "--parity", "2"], 4, 2);
 }
 
 #[test]
-#[ignore = "daemon: a member's EIO is returned to the client instead of degrading the volume (see tests report)"]
 fn degraded_raid1_one_failing_member() {
     degraded("deg-raid1", &["--level", "raid1"], 1, 1);
 }

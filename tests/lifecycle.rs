@@ -40,6 +40,7 @@ fn sigterm_under_load(tag: &str, args: &[&str], n: usize) {
 
     let logf = std::fs::File::create(dir.join("fio-load.log")).unwrap();
     let mut load = Command::new(tool("fio"))
+        .arg("--verify_state_save=0")
         .args([
             "--name=load",
             "--ioengine=nbd",
@@ -130,4 +131,29 @@ fn readme_quick_start_and_ci_entry_points() {
         let o = run(Command::new("bash").arg("-n").arg(root.join(p)));
         assert!(o.status.success(), "bash -n {p}\n{}", show(&o));
     }
+}
+
+/// After `serve` has exited (status 0, reaped), the members are free at once: `check` and a new
+/// `serve` must not see them "in use by another nbraid process". Repeated, because the window is
+/// short: the daemon's member lock outlives the process while the kernel tears its io_uring
+/// (and mappings) down asynchronously.
+#[test]
+#[ignore = "daemon bug (reported): members stay locked for a moment after serve exits; check/serve then refuse"]
+fn members_are_free_as_soon_as_serve_exits() {
+    let dir = TestDir::new("lc-free");
+    let m = dir.members("m", 6);
+    create(&["--level", "ec", "--data", "4", "--parity", "2", "--size", "32MiB"], &m);
+    let mut refused = vec![];
+    for round in 0..20 {
+        let d = Daemon::start(&dir, &m);
+        let v = ["--name=w", "--ioengine=nbd", &format!("--uri={}", d.uri()), "--rw=randwrite", "--bs=64k", "--size=8m", "--iodepth=16"]
+            .map(String::from);
+        fio_ctx(&v, &|| d.context());
+        d.stop_ok();
+        let o = run(nbraid().arg("check").args(&m));
+        if String::from_utf8_lossy(&o.stderr).contains("in use") {
+            refused.push(format!("round {round}: {}", String::from_utf8_lossy(&o.stderr).trim()));
+        }
+    }
+    assert!(refused.is_empty(), "check right after a clean stop refused {} of 20 times:\n{}", refused.len(), refused.join("\n"));
 }

@@ -62,4 +62,5 @@ cargo test --release --no-run "$@"
 echo "== running tests"
 # Two test threads per binary: the integration tests each spawn a daemon and real clients, and
 # the machine has two cores.
-cargo test --release "$@" -- --test-threads=2
+# --no-fail-fast: run every test binary and report all failures, not just the first binary's.
+cargo test --release --no-fail-fast "$@" -- --test-threads=2

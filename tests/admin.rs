@@ -1,0 +1,274 @@
+//! The admin API on a running daemon: fail a member, keep serving degraded, add a replacement
+//! that is rebuilt (while clients write), hot spares, replace; every byte checked throughout
+//! and the result consistent offline and after a restart with the new member set.
+
+mod common;
+
+use common::*;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const MEMBER: u64 = 32 * MIB;
+
+fn fio_args(uri: &str, extra: &[&str]) -> Vec<String> {
+    let mut v = vec!["--name=v".to_string(), "--ioengine=nbd".into(), format!("--uri={uri}")];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+const REGION_A: [&str; 6] = ["--rw=randwrite", "--bsrange=512-128k", "--offset=0", "--size=12m", "--verify=crc32c", "--verify_fatal=1"];
+
+fn verify_a(d: &Daemon) {
+    let mut a: Vec<&str> = REGION_A.to_vec();
+    a.push("--verify_only");
+    fio_ctx(&fio_args(&d.uri(), &a), &|| d.context());
+}
+
+fn new_member(dir: &TestDir, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(MEMBER).unwrap();
+    p
+}
+
+fn state(ctl: &Path) -> String {
+    status_json(ctl)["state"].as_str().unwrap_or("?").to_string()
+}
+
+fn slot_states(ctl: &Path) -> Vec<String> {
+    status_json(ctl)["slots"].as_array().unwrap().iter().map(|s| s["state"].as_str().unwrap_or("?").to_string()).collect()
+}
+
+fn os(p: &Path) -> &OsStr {
+    p.as_os_str()
+}
+
+/// A background fio writer on [16 MiB, 24 MiB) for a fixed number of I/Os, verified at the end.
+fn background_writer(d: &Daemon, dir: &TestDir) -> std::process::Child {
+    let log = std::fs::File::create(dir.join("bg-fio.log")).unwrap();
+    Command::new(tool("fio"))
+        .arg("--verify_state_save=0")
+        .args(fio_args(
+            &d.uri(),
+            &["--rw=randwrite", "--bsrange=4k-64k", "--offset=16m", "--size=8m", "--iodepth=8", "--verify=crc32c", "--verify_fatal=1"],
+        ))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn fail_and_rebuild(tag: &str, args: &[&str], n: usize, fail: &[usize]) {
+    let dir = TestDir::new(tag);
+    let mut m = dir.members("m", n);
+    let mut a = args.to_vec();
+    a.extend(["--size", "32MiB"]);
+    create(&a, &m);
+    let (d, ctl) = Daemon::start_controlled(&dir, &m);
+    let mut w = REGION_A.to_vec();
+    w.push("--do_verify=0");
+    fio_ctx(&fio_args(&d.uri(), &w), &|| d.context());
+    let size = d.size();
+    let mut s = Shadow::new(size - 3 * MIB, 3 * MIB);
+    let b = s.base;
+    s.write(b + 3, 70_000, 0x51);
+    s.write(b + MIB - 1, MIB + 2, 0x52);
+    s.apply(&d.uri());
+    assert_eq!(state(&ctl), "optimal");
+
+    for &i in fail {
+        ctl_cmd("fail", &ctl, &[os(&m[i])]);
+    }
+    assert_eq!(state(&ctl), "degraded", "after `nbraid fail`");
+    let st = slot_states(&ctl);
+    for &i in fail {
+        assert_eq!(st[i], "failed", "slot {i} after `nbraid fail`: {st:?}");
+    }
+    verify_a(&d);
+    s.verify(&d.uri());
+    // writes while degraded
+    s.write(b + 5000, 200_000, 0x53);
+    s.write(b + 2 * MIB + 7, 4096, 0x54);
+    s.apply(&d.uri());
+    s.verify(&d.uri());
+
+    // replacements, rebuilt while a client writes elsewhere (throttled so the two overlap)
+    ctl_cmd("rebuild", &ctl, &[OsStr::new("--max-rate"), OsStr::new("20MiB/s")]);
+    let mut bg = background_writer(&d, &dir);
+    for &i in fail {
+        let new = new_member(&dir, &format!("new{i}"));
+        ctl_cmd("add", &ctl, &[os(&new)]);
+        m[i] = new;
+    }
+    // more writes while the rebuild runs, over the region being rebuilt
+    s.write(b + 100_000, 300_000, 0x55);
+    s.apply(&d.uri());
+    let o = run(nbraid().arg("rebuild").arg("--control").arg(&ctl).arg("--max-rate").arg("unlimited").arg("--wait"));
+    assert!(o.status.success(), "rebuild --wait did not end optimal\n{}\n{}", show(&o), d.context());
+    let st = bg.wait().unwrap();
+    assert!(st.success(), "background fio during rebuild failed\n{}", std::fs::read_to_string(dir.join("bg-fio.log")).unwrap());
+    assert_eq!(state(&ctl), "optimal");
+    assert!(slot_states(&ctl).iter().all(|s| s == "active"), "{:?}", slot_states(&ctl));
+    verify_a(&d);
+    s.verify(&d.uri());
+    d.stop_ok();
+    check_clean(&m);
+
+    let d = Daemon::start(&dir, &shuffled(&m, 9));
+    verify_a(&d);
+    s.verify(&d.uri());
+    d.stop_ok();
+}
+
+#[test]
+fn fail_add_rebuild_raid5() {
+    fail_and_rebuild("adm-r5", &["--level", "raid5"], 4, &[2]);
+}
+
+#[test]
+fn fail_add_rebuild_ec_4_2_two_members() {
+    fail_and_rebuild("adm-ec", &["--level", "ec", "--data", "4", "--parity", "2"], 6, &[0, 4]);
+}
+
+#[test]
+fn fail_add_rebuild_raid1() {
+    fail_and_rebuild("adm-r1", &["--level", "raid1"], 3, &[1]);
+}
+
+#[test]
+fn hot_spare_takes_over_a_failed_member() {
+    let dir = TestDir::new("adm-spare");
+    let m = dir.members("m", 3);
+    create(&["--level", "raid5", "--size", "32MiB"], &m);
+    let (d, ctl) = Daemon::start_controlled(&dir, &m);
+    let mut w = REGION_A.to_vec();
+    w.push("--do_verify=0");
+    fio_ctx(&fio_args(&d.uri(), &w), &|| d.context());
+    let spare = new_member(&dir, "spare");
+    ctl_cmd("add", &ctl, &[os(&spare)]);
+    assert_eq!(state(&ctl), "optimal");
+    assert_eq!(status_json(&ctl)["spares"].as_array().map(|a| a.len()), Some(1), "the added member is not a spare");
+    ctl_cmd("fail", &ctl, &[os(&m[1])]);
+    let o = run(nbraid().arg("rebuild").arg("--control").arg(&ctl).arg("--wait"));
+    assert!(o.status.success(), "rebuild onto the spare did not end optimal\n{}\n{}", show(&o), d.context());
+    assert_eq!(state(&ctl), "optimal");
+    verify_a(&d);
+    d.stop_ok();
+    let set = vec![m[0].clone(), spare.clone(), m[2].clone()];
+    check_clean(&set);
+    let d = Daemon::start(&dir, &set);
+    verify_a(&d);
+    d.stop_ok();
+}
+
+#[test]
+fn replace_a_member_while_serving() {
+    let dir = TestDir::new("adm-repl");
+    let mut m = dir.members("m", 4);
+    create(&["--level", "raid5", "--size", "32MiB"], &m);
+    let (d, ctl) = Daemon::start_controlled(&dir, &m);
+    let mut w = REGION_A.to_vec();
+    w.push("--do_verify=0");
+    fio_ctx(&fio_args(&d.uri(), &w), &|| d.context());
+    let new = new_member(&dir, "new3");
+    let mut bg = background_writer(&d, &dir);
+    let o = run(nbraid().arg("replace").arg("--control").arg(&ctl).arg("--wait").arg(&m[3]).arg(&new));
+    assert!(o.status.success(), "replace --wait\n{}\n{}", show(&o), d.context());
+    assert!(bg.wait().unwrap().success(), "{}", std::fs::read_to_string(dir.join("bg-fio.log")).unwrap());
+    assert_eq!(state(&ctl), "optimal");
+    verify_a(&d);
+    d.stop_ok();
+    m[3] = new;
+    check_clean(&m);
+    let d = Daemon::start(&dir, &shuffled(&m, 2));
+    verify_a(&d);
+    d.stop_ok();
+}
+
+/// stdout is a pipe whose reader is already gone (as in `nbraid status | head -1`): the CLI
+/// must not panic ("failed printing to stdout: Broken pipe").
+#[test]
+#[ignore = "daemon bug (reported): status/check/create panic with 'failed printing to stdout: Broken pipe'; un-ignore once fixed"]
+fn cli_output_to_a_closed_pipe_does_not_panic() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    fn closed_pipe() -> Stdio {
+        let mut fds = [0 as libc::c_int; 2];
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        unsafe { libc::close(fds[0]) };
+        Stdio::from(unsafe { OwnedFd::from_raw_fd(fds[1]) })
+    }
+    let dir = TestDir::new("adm-pipe");
+    let m = dir.members("m", 3);
+    create(&["--level", "raid5", "--size", "16MiB"], &m);
+    let (d, ctl) = Daemon::start_controlled(&dir, &m);
+    let mut failures = vec![];
+    let mut probe = |what: &str, c: &mut Command| {
+        let o = c.stdout(closed_pipe()).stdin(Stdio::null()).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        if err.contains("panicked") || o.status.code() == Some(101) {
+            failures.push(format!("`{what}` with stdout closed: {}\n{}", o.status, err.lines().take(3).collect::<Vec<_>>().join("\n")));
+        }
+    };
+    probe("nbraid status --json", nbraid().arg("status").arg("--control").arg(&ctl).arg("--json"));
+    probe("nbraid status", nbraid().arg("status").arg("--control").arg(&ctl));
+    probe("nbraid --help", nbraid().arg("--help"));
+    d.stop_ok();
+    probe("nbraid check", nbraid().arg("check").args(&m));
+    let m2 = dir.members("x", 3);
+    probe("nbraid create", nbraid().args(["create", "--level", "raid5", "--size", "16MiB"]).args(&m2));
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Online scrub: a byte changed behind the daemon's back is found while serving; --repair makes
+/// every stripe consistent again (offline check agrees), and data written through the volume is
+/// unharmed where it was not the corrupted byte.
+fn scrub_finds_and_repairs(tag: &str, args: &[&str], n: usize, flip_member: usize) {
+    let dir = TestDir::new(tag);
+    let m = dir.members("m", n);
+    let mut a = args.to_vec();
+    a.extend(["--size", "16MiB"]);
+    create(&a, &m);
+    let (d, ctl) = Daemon::start_controlled(&dir, &m);
+    let mut s = Shadow::new(0, 2 * MIB);
+    s.write(0, 2 * MIB, 0x6b);
+    s.apply(&d.uri());
+    let o = run(nbraid().arg("scrub").arg("--control").arg(&ctl).arg("--wait"));
+    assert!(o.status.success(), "scrub of a clean volume\n{}", show(&o));
+    // corrupt one byte of one member (a parity chunk or a mirror copy, see the callers)
+    flip_byte(&m[flip_member], META + 1000, 0x10);
+    let o = run(nbraid().arg("scrub").arg("--control").arg(&ctl).arg("--wait"));
+    assert!(!o.status.success(), "scrub --wait missed a flipped byte in member {flip_member}\n{}", show(&o));
+    let o = run(nbraid().arg("scrub").arg("--control").arg(&ctl).arg("--repair").arg("--wait"));
+    assert!(o.status.success(), "scrub --repair --wait\n{}", show(&o));
+    let o = run(nbraid().arg("scrub").arg("--control").arg(&ctl).arg("--wait"));
+    assert!(o.status.success(), "scrub after repair still finds inconsistencies\n{}", show(&o));
+    s.verify(&d.uri());
+    d.stop_ok();
+    check_clean(&m);
+}
+
+#[test]
+fn scrub_raid5_parity_byte() {
+    // raid5 over 3 members: stripe 0's parity lives on one member; flip all members' byte in
+    // turn would need three volumes, so flip the one `check` identifies as parity: the member
+    // whose chunk 0 is not volume data [0, 64 KiB) or [64 KiB, 128 KiB).
+    let probe = TestDir::new("scrub-probe");
+    let m = probe.members("m", 3);
+    create(&["--level", "raid5", "--size", "16MiB"], &m);
+    let d = Daemon::start(&probe, &m);
+    qemu_io(&d.uri(), &["write -P 0x01 0 64k".into(), "write -P 0x02 64k 64k".into()]);
+    d.stop_ok();
+    let parity = (0..3)
+        .find(|&i| {
+            let b = read_at(&m[i], META, 1)[0];
+            b != 0x01 && b != 0x02
+        })
+        .expect("no member holds stripe 0's parity at offset 1 MiB");
+    scrub_finds_and_repairs("scrub-r5", &["--level", "raid5"], 3, parity);
+}
+
+#[test]
+fn scrub_raid1_second_copy() {
+    scrub_finds_and_repairs("scrub-r1", &["--level", "raid1"], 2, 1);
+}
