@@ -332,7 +332,6 @@ fn check_with_a_member_missing(tag: &str, args: &[&str], n: usize) -> (bool, u64
 
 /// ec 4+2 with one member missing still has one parity: check must still find the flip.
 #[test]
-#[ignore = "daemon bug (reported): check on a degraded set verifies nothing and reports 0 inconsistent stripes"]
 fn check_with_a_member_missing_ec_4_2_still_finds_corruption() {
     let (ok, count, o) = check_with_a_member_missing("cli-chk-ec", &["--level", "ec", "--data", "4", "--parity", "2"], 6);
     assert!(!ok && count > 0, "ec 4+2 minus one member: a flipped byte went unnoticed\n{}", show(&o));
@@ -341,7 +340,6 @@ fn check_with_a_member_missing_ec_4_2_still_finds_corruption() {
 /// raid5 with a member missing has no redundancy left: check cannot verify anything and must
 /// not claim "inconsistent stripes: 0" with exit 0 (it does today, over a flipped byte).
 #[test]
-#[ignore = "daemon bug (reported): check on a degraded raid5 set reports 0 inconsistent stripes and exits 0"]
 fn check_with_a_member_missing_raid5_does_not_claim_consistency() {
     let (ok, _count, o) = check_with_a_member_missing("cli-chk-r5", &["--level", "raid5"], 4);
     assert!(!ok, "raid5 minus one member: check exited 0 although nothing could be verified\n{}", show(&o));

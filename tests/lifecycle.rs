@@ -138,7 +138,6 @@ fn readme_quick_start_and_ci_entry_points() {
 /// short: the daemon's member lock outlives the process while the kernel tears its io_uring
 /// (and mappings) down asynchronously.
 #[test]
-#[ignore = "daemon bug (reported): members stay locked for a moment after serve exits; check/serve then refuse"]
 fn members_are_free_as_soon_as_serve_exits() {
     let dir = TestDir::new("lc-free");
     let m = dir.members("m", 6);
@@ -146,8 +145,7 @@ fn members_are_free_as_soon_as_serve_exits() {
     let mut refused = vec![];
     for round in 0..20 {
         let d = Daemon::start(&dir, &m);
-        let v = ["--name=w", "--ioengine=nbd", &format!("--uri={}", d.uri()), "--rw=randwrite", "--bs=64k", "--size=8m", "--iodepth=16"]
-            .map(String::from);
+        let v = ["--name=w", "--ioengine=nbd", &format!("--uri={}", d.uri()), "--rw=randwrite", "--bs=64k", "--size=8m", "--iodepth=16"].map(String::from);
         fio_ctx(&v, &|| d.context());
         d.stop_ok();
         let o = run(nbraid().arg("check").args(&m));

@@ -37,7 +37,7 @@ fn profiles_run_briefly_against_raid5() {
     assert!(d.size() >= 512 * MIB, "volume smaller than the profiles' default size");
     for p in PROFILES {
         let mut c = Command::new(tool("fio"));
-    c.arg("--verify_state_save=0");
+        c.arg("--verify_state_save=0");
         c.env("NBD_URI", d.uri()).arg("--io_size=2m").arg("--output-format=json").arg(profile(p));
         let o = run(&mut c);
         let out = String::from_utf8_lossy(&o.stdout).to_string();

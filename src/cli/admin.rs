@@ -281,7 +281,7 @@ async fn wait_for_scrub(control: &Path) -> Result<i32, String> {
         let scrub = resp.status.and_then(|s| s.scrub).ok_or("the daemon reports no scrub")?;
         if !scrub.running {
             println!("{}", format_scrub(&scrub));
-            let clean = scrub.error.is_none() && scrub.mismatches == scrub.repaired;
+            let clean = scrub.error.is_none() && scrub.mismatches == scrub.repaired && scrub.skipped == 0;
             return Ok(if clean { 0 } else { 1 });
         }
         if last_line.elapsed() >= PLAIN_INTERVAL {

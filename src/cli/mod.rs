@@ -86,6 +86,13 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
+    if !matches!(cli.command, Command::Serve(_)) {
+        // Commands that print behave like other Unix tools when their reader goes away
+        // (`nbraid status | head`): they end quietly. The daemon keeps SIGPIPE ignored, so a
+        // client hanging up is an error on that connection, not the end of the process.
+        // SAFETY: restoring a default signal disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("nbraid").build() {
         Ok(rt) => rt,
@@ -186,12 +193,16 @@ async fn check(args: CheckArgs) -> Result<i32, String> {
     if !report.redundant {
         println!("raid0 has no redundancy: nothing to check against");
     }
-    println!("checked stripes: {}", report.stripes);
+    println!("checked stripes: {}", report.stripes - report.skipped);
     println!("inconsistent stripes: {}", report.inconsistent);
     if report.inconsistent > 0 {
         let list: Vec<String> = report.first_inconsistent.iter().map(|s| s.to_string()).collect();
         println!("first inconsistent stripes: {}", list.join(", "));
         return Ok(1);
+    }
+    if report.skipped > 0 {
+        println!("unchecked stripes: {} (members missing: nothing left to check them against)", report.skipped);
+        return Err(format!("{} of {} stripes could not be checked because members are missing", report.skipped, report.stripes));
     }
     Ok(0)
 }

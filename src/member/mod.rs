@@ -57,6 +57,8 @@ pub struct Member {
     faults: Faults,
     /// This disk's own identity from its superblock, kept when the volume rewrites it.
     uuid: std::sync::Mutex<[u8; 16]>,
+    /// Holds the flock (see `open`).
+    _lock: File,
 }
 
 #[derive(Default)]
@@ -90,15 +92,19 @@ impl Member {
         }
         let identity = if ft.is_block_device() { (0, meta.rdev()) } else { (meta.dev(), meta.ino()) };
 
+        // The lock lives on a descriptor of its own, used for nothing else: the I/O descriptor is
+        // also held by io_uring and the bitmap mapping, which the kernel may release only after
+        // the process has gone, and the member must be free the moment the daemon exits.
+        let lock = File::open(path).map_err(open_err)?;
+        lock_file(&lock, access).map_err(|e| match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => MemberError::InUse { path: path.to_path_buf() },
+            _ => open_err(e),
+        })?;
         let (file, mut direct) = match open_file(path, access, true) {
             Ok(f) => (f, true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open_file(path, access, false).map_err(open_err)?, false),
             Err(e) => return Err(open_err(e)),
         };
-        lock_file(&file, access).map_err(|e| match e.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => MemberError::InUse { path: path.to_path_buf() },
-            _ => open_err(e),
-        })?;
         let size = if ft.is_block_device() { block_device_size(&file).map_err(open_err)? } else { meta.len() };
 
         let mut member = Member {
@@ -111,6 +117,7 @@ impl Member {
             stats: Counters::default(),
             faults: Faults::default(),
             uuid: std::sync::Mutex::new([0; 16]),
+            _lock: lock,
         };
         if direct {
             // Some filesystems accept O_DIRECT at open and refuse it at I/O time.
@@ -125,9 +132,7 @@ impl Member {
         if !direct {
             tracing::info!("{}: O_DIRECT not supported here, using buffered I/O", path.display());
             if member.direct {
-                // flock belongs to the open file description: release the O_DIRECT one first.
                 member.file = Arc::new(open_file(path, access, false).map_err(open_err)?);
-                lock_file(&member.file, access).map_err(|_| MemberError::InUse { path: path.to_path_buf() })?;
                 member.direct = false;
             }
         }

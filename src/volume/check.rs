@@ -46,23 +46,52 @@ pub async fn check(volume: &Volume) -> Result<CheckReport, VolumeError> {
 }
 
 impl Volume {
-    /// Reads every shard of `stripe` and asks the codec whether parity matches data; `None` if
-    /// some shard is not readable.
+    /// Reads every readable shard of `stripe` and says whether they agree: with every shard
+    /// present the codec verifies parity; with some lost but more than k left, the shards beyond
+    /// the first k are rebuilt from those k and compared with what is on disk. `None` when only
+    /// k (or fewer) shards are left, so nothing can be cross-checked.
     async fn stripe_consistent(&self, stripe: u64) -> Result<Option<bool>, VolumeError> {
-        let chunk = self.geometry.chunk;
-        let n = self.geometry.shards();
+        let chunk = self.geometry.chunk as usize;
+        let n = self.geometry.shards() as usize;
+        let k = self.geometry.data_shards as usize;
         let h = self.health();
-        let members: Option<Vec<_>> =
-            (0..n).map(|shard| h.readable(self.geometry.shard_member(stripe, shard) as usize, stripe, &self.progress).cloned()).collect();
-        let Some(members) = members else { return Ok(None) };
-        let buf = Arc::new(AlignedBuf::zeroed((n as u64 * chunk) as usize));
+        let members: Vec<_> =
+            (0..n as u32).map(|shard| h.readable(self.geometry.shard_member(stripe, shard) as usize, stripe, &self.progress).cloned()).collect();
+        let present: Vec<bool> = members.iter().map(Option::is_some).collect();
+        let count = present.iter().filter(|&&p| p).count();
+        if count <= k && count < n {
+            return Ok(None);
+        }
+        let buf = Arc::new(AlignedBuf::zeroed(n * chunk));
         let pos = self.member_pos(stripe, 0);
-        let reads = members.iter().enumerate().map(|(shard, m)| super::io::member_read(m, pos, &buf, shard as u64 * chunk, chunk));
+        let reads =
+            members.iter().enumerate().filter_map(|(shard, m)| m.as_ref().map(|m| super::io::member_read(m, pos, &buf, (shard * chunk) as u64, chunk as u64)));
         if let Some(f) = super::io::faults_of(reads.collect::<Vec<_>>()).await.into_iter().next() {
             return Err(f.error.into());
         }
-        let buf = super::io::reclaim(buf)?;
-        let shards: Vec<&[u8]> = buf.chunks(chunk as usize).collect();
-        self.codec.verify(&shards).map(Some).map_err(|e| VolumeError::Codec(e.to_string()))
+        let mut buf = super::io::reclaim(buf)?;
+        if count == n {
+            let shards: Vec<&[u8]> = buf.chunks(chunk).collect();
+            return self.codec.verify(&shards).map(Some).map_err(|e| VolumeError::Codec(e.to_string()));
+        }
+        // Rebuild everything from the first k present shards; the other present ones are the check.
+        let basis: Vec<bool> = {
+            let mut seen = 0;
+            present
+                .iter()
+                .map(|&p| {
+                    p && {
+                        seen += 1;
+                        seen <= k
+                    }
+                })
+                .collect()
+        };
+        let extra: Vec<(usize, Vec<u8>)> = (0..n).filter(|&i| present[i] && !basis[i]).map(|i| (i, buf[i * chunk..(i + 1) * chunk].to_vec())).collect();
+        {
+            let mut slices: Vec<&mut [u8]> = buf.chunks_mut(chunk).collect();
+            self.codec.reconstruct(&mut slices, &basis).map_err(|e| VolumeError::Codec(e.to_string()))?;
+        }
+        Ok(Some(extra.iter().all(|(i, on_disk)| &buf[i * chunk..(i + 1) * chunk] == &on_disk[..])))
     }
 }

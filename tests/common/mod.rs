@@ -153,22 +153,7 @@ pub fn create_fails(args: &[&str], members: &[PathBuf]) -> Output {
 
 /// `nbraid check MEMBERS...`: returns (exit ok, N from "inconsistent stripes: N", output).
 pub fn check(members: &[PathBuf]) -> (bool, u64, Output) {
-    // Known daemon issue (reported): the member lock can outlive a daemon that just exited;
-    // retry only that refusal, bounded, with a NOTE.
-    let t = Instant::now();
-    let mut tries = 0;
-    let o = loop {
-        let o = run(nbraid().arg("check").args(members));
-        if String::from_utf8_lossy(&o.stderr).contains("in use by another nbraid process") && t.elapsed() < EXIT_TIMEOUT {
-            tries += 1;
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        if tries > 0 {
-            eprintln!("NOTE (daemon issue): check refused {tries} time(s) with a stale member lock");
-        }
-        break o;
-    };
+    let o = run(nbraid().arg("check").args(members));
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     let n = text
         .lines()
@@ -215,37 +200,15 @@ impl Daemon {
         (d, ctl)
     }
 
-    /// Start and wait until ready. Known daemon issue (reported): right after a previous daemon
-    /// on these members exited (cleanly or by kill -9), its member lock can linger for a moment
-    /// (the kernel tears io_uring down asynchronously) and serve refuses with "in use by another
-    /// nbraid process". Only that refusal is retried, for a bounded time, with a NOTE on stderr.
+    /// Start and wait until ready. Members must be free the moment a previous daemon exited
+    /// (cleanly or by kill -9): no retry here, so a lingering member lock fails the test.
     pub fn start_with(dir: &TestDir, members: &[PathBuf], extra: &[&str]) -> Daemon {
-        let t = Instant::now();
-        let mut tries = 0;
-        loop {
-            let n = unique();
-            let sock = dir.join(format!("nbd{n}.sock"));
-            let log = dir.join(format!("daemon{n}.log"));
-            let mut d = Self::spawn(dir, members, extra, &sock, &log);
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.wait_ready()));
-            match r {
-                Ok(()) => {
-                    if tries > 0 {
-                        eprintln!("NOTE (daemon issue): serve refused {tries} time(s) with a stale member lock before starting");
-                    }
-                    return d;
-                }
-                Err(e) => {
-                    let stale = d.stderr().contains("in use by another nbraid process");
-                    if !stale || t.elapsed() > EXIT_TIMEOUT {
-                        std::panic::resume_unwind(e);
-                    }
-                    tries += 1;
-                    drop(d);
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
+        let n = unique();
+        let sock = dir.join(format!("nbd{n}.sock"));
+        let log = dir.join(format!("daemon{n}.log"));
+        let mut d = Self::spawn(dir, members, extra, &sock, &log);
+        d.wait_ready();
+        d
     }
 
     /// Start right after a `kill -9` of the previous daemon on these members.
