@@ -131,7 +131,7 @@ impl Intent {
             (st.bits.clone(), st.gen)
         };
         let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-        tokio::task::block_in_place(|| {
+        let mut msync_all = || {
             for (_, map) in maps.iter_mut() {
                 write_bits(map, &bits);
                 if let Err(e) = map.flush() {
@@ -139,7 +139,14 @@ impl Intent {
                     tracing::error!("write-intent bitmap msync failed: {e}");
                 }
             }
-        });
+        };
+        // msync blocks; on the multi-threaded runtime let other tasks move off this thread.
+        let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            tokio::task::block_in_place(msync_all);
+        } else {
+            msync_all();
+        }
         self.durable_gen.store(gen, Ordering::Release);
     }
 
