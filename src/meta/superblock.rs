@@ -218,7 +218,7 @@ impl Superblock {
             return Err(SuperblockError::Malformed("member index beyond member count"));
         }
         let data_offset = u64_at(b, 88);
-        if data_offset < SUPERBLOCK_OFFSETS[1] + SUPERBLOCK_SIZE as u64 || data_offset % SUPERBLOCK_SIZE as u64 != 0 {
+        if data_offset < SUPERBLOCK_OFFSETS[1] + SUPERBLOCK_SIZE as u64 || !data_offset.is_multiple_of(SUPERBLOCK_SIZE as u64) {
             return Err(SuperblockError::Malformed("data area overlaps the superblocks or is unaligned"));
         }
         if data_offset.checked_add(u64_at(b, 96)).is_none() {

@@ -92,6 +92,6 @@ impl Volume {
             let mut slices: Vec<&mut [u8]> = buf.chunks_mut(chunk).collect();
             self.codec.reconstruct(&mut slices, &basis).map_err(|e| VolumeError::Codec(e.to_string()))?;
         }
-        Ok(Some(extra.iter().all(|(i, on_disk)| &buf[i * chunk..(i + 1) * chunk] == &on_disk[..])))
+        Ok(Some(extra.iter().all(|(i, on_disk)| buf[i * chunk..(i + 1) * chunk] == on_disk[..])))
     }
 }

@@ -15,14 +15,18 @@ use crate::buf::{AlignedBuf, BufPool};
 use crate::layout::Level;
 use crate::member::Member;
 use crate::meta::SlotState;
+use futures::future::join_all;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// Bytes of each member handled per batch (and per stripe-lock hold).
-const BATCH_BYTES: u64 = 4 << 20;
+/// Bytes of each member one rebuild I/O covers.
+const PART_BYTES: u64 = 1 << 20;
+/// Parts in flight at once; together they are one batch (one stripe-lock hold). Several keep
+/// the disks busy while one part waits for its reads and another for its write.
+const PARALLEL: usize = 4;
 /// How often the checkpoint is written to the superblocks.
 const PERSIST_EVERY: Duration = Duration::from_secs(2);
 
@@ -70,6 +74,7 @@ impl RebuildControl {
     }
 }
 
+#[derive(Clone)]
 enum Source {
     /// Reconstruct from the other members.
     Redundancy,
@@ -155,10 +160,10 @@ impl Volume {
     /// rebuilding cannot go on at all (too few members left, or stopping).
     async fn rebuild_slot(&self, slot: usize) -> bool {
         let stripes = self.geometry.stripes;
-        let batch_stripes = (BATCH_BYTES / self.geometry.chunk).max(1);
+        let part_stripes = (PART_BYTES / self.geometry.chunk).max(1);
         self.rebuild.start_run(slot, self.progress.get(slot));
         let mut pacer = Pacer { next: Instant::now() };
-        let mut pool = BufPool::default();
+        let mut pools: Vec<BufPool> = (0..PARALLEL).map(|_| BufPool::default()).collect();
         let mut persisted = Instant::now();
         let outcome = loop {
             if self.rebuild.stopping.load(Ordering::SeqCst) {
@@ -170,7 +175,7 @@ impl Volume {
                 self.finish_rebuild(slot, &target).await;
                 break true;
             }
-            let batch = batch_stripes.min(stripes - done);
+            let batch = (part_stripes * PARALLEL as u64).min(stripes - done);
             let guards = self.locks.lock_all(done..done + batch).await;
             // Membership may have changed while waiting for the locks.
             let h = self.health();
@@ -178,18 +183,26 @@ impl Volume {
             if !Arc::ptr_eq(&now_target, &target) || self.progress.get(slot) != done {
                 continue;
             }
-            match self.rebuild_batch(&h, slot, &target, source, (done, batch), &mut pool).await {
-                Ok(()) => self.progress.set(slot, done + batch),
-                Err(BatchError::Faults(faults)) => {
-                    drop(guards);
-                    self.fail_all(faults).await;
-                    continue;
-                }
-                Err(BatchError::Volume(e)) => {
-                    tracing::error!("rebuild of slot {slot} stopped: {e}");
-                    break false;
+            let parts = (done..done + batch).step_by(part_stripes as usize).map(|s| (s, part_stripes.min(done + batch - s)));
+            let runs = parts.zip(pools.iter_mut()).map(|(part, pool)| self.rebuild_batch(&h, slot, &target, source.clone(), part, pool));
+            let (mut faults, mut fatal) = (Vec::new(), None);
+            for r in join_all(runs).await {
+                match r {
+                    Ok(()) => {}
+                    Err(BatchError::Faults(f)) => faults.extend(f),
+                    Err(BatchError::Volume(e)) => fatal = Some(e),
                 }
             }
+            if let Some(e) = fatal {
+                tracing::error!("rebuild of slot {slot} stopped: {e}");
+                break false;
+            }
+            if !faults.is_empty() {
+                drop(guards);
+                self.fail_all(faults).await;
+                continue;
+            }
+            self.progress.set(slot, done + batch);
             drop(guards);
             if persisted.elapsed() >= PERSIST_EVERY {
                 self.persist_progress().await;
