@@ -223,20 +223,7 @@ impl BgFio {
     pub fn finish(mut self, extra: &dyn Fn() -> String) -> Value {
         let (st, out, err) = self.wait();
         let ctx = || format!("background fio {:?}\nstatus: {st}\n--- stdout ---\n{out}\n--- stderr ---\n{err}\n{}", self.args, extra());
-        assert!(st.success(), "fio exited non-zero\n{}", ctx());
-        for bad in ["verify", "bad magic", "mismatch", "crc32c", "error", "fail"] {
-            assert!(!err.to_lowercase().contains(bad), "fio stderr mentions {bad:?}\n{}", ctx());
-        }
-        let start = out.find('{').unwrap_or_else(|| panic!("fio printed no JSON\n{}", ctx()));
-        let v: Value = serde_json::from_str(&out[start..]).unwrap_or_else(|e| panic!("fio JSON: {e}\n{}", ctx()));
-        let jobs = v["jobs"].as_array().unwrap_or_else(|| panic!("fio JSON without jobs\n{}", ctx()));
-        assert!(!jobs.is_empty(), "fio ran no job\n{}", ctx());
-        for j in jobs {
-            assert_eq!(j["error"].as_i64(), Some(0), "fio job {} reported error\n{}", j["jobname"], ctx());
-            let io = j["read"]["io_bytes"].as_u64().unwrap_or(0) + j["write"]["io_bytes"].as_u64().unwrap_or(0);
-            assert!(io > 0, "fio job {} did no I/O\n{}", j["jobname"], ctx());
-        }
-        v
+        judge_fio(st.success(), &out, &err, &ctx)
     }
 
     /// Waits; returns (exit status, stdout, stderr) without judging them.

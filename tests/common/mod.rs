@@ -580,7 +580,13 @@ pub fn fio_ctx(args: &[String], extra: &dyn Fn() -> String) -> serde_json::Value
         }
     };
     let ctx = || format!("fio {:?}\n{}{killed}\n{}", args, show(&o), extra());
-    assert!(o.status.success(), "fio exited non-zero\n{}", ctx());
+    judge_fio(o.status.success(), &out, &err, &ctx)
+}
+
+/// The verdict on a finished fio run: exit 0, no verify complaint on stderr, a JSON report whose
+/// every job has error 0 and did some I/O. Returns the JSON.
+pub fn judge_fio(success: bool, out: &str, err: &str, ctx: &dyn Fn() -> String) -> serde_json::Value {
+    assert!(success, "fio exited non-zero\n{}", ctx());
     for bad in ["verify", "bad magic", "mismatch", "crc32c", "error", "fail"] {
         assert!(!err.to_lowercase().contains(bad), "fio stderr mentions {bad:?}\n{}", ctx());
     }
