@@ -148,8 +148,8 @@ fn degraded(tag: &str, args: &[&str], good: usize, faulty: usize) {
     let st = status_json(&ctl);
     assert_eq!(st["state"].as_str(), Some("degraded"), "status after member EIO:\n{st:#}");
     let slots = st["slots"].as_array().unwrap();
-    for k in good..good + faulty {
-        assert_eq!(slots[k]["state"].as_str(), Some("failed"), "slot {k} returned EIO but is not failed:\n{st:#}");
+    for (k, slot) in slots.iter().enumerate().skip(good).take(faulty) {
+        assert_eq!(slot["state"].as_str(), Some("failed"), "slot {k} returned EIO but is not failed:\n{st:#}");
     }
     // writes while degraded, then read back
     let base = s.base;

@@ -123,7 +123,7 @@ fn daemon_guard_reports_an_early_exit_with_its_stderr() {
     let dir = TestDir::new("h-early");
     let missing = dir.join("no-such-member");
     let r = std::panic::catch_unwind(|| {
-        let _d = Daemon::start(&dir, &[missing.clone()]);
+        let _d = Daemon::start(&dir, std::slice::from_ref(&missing));
     });
     let err = r.expect_err("Daemon::start on a missing member should fail the test");
     let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();

@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert!(PAGE_CRCS_AT + 4 * MAX_PAGES <= CRC_AT);
+        const { assert!(PAGE_CRCS_AT + 4 * MAX_PAGES <= CRC_AT) };
         assert_eq!(bitmap_len(1), 2 * PAGE);
         assert_eq!(regions_for(100, 16), 7);
         assert!(BITMAP_OFFSET as usize + bitmap_len(MAX_REGIONS) <= super::super::superblock::METADATA_RESERVED as usize);

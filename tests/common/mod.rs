@@ -159,7 +159,7 @@ pub fn check(members: &[PathBuf]) -> (bool, u64, Output) {
         .lines()
         .find_map(|l| {
             let i = l.find("inconsistent stripes:")?;
-            l[i + "inconsistent stripes:".len()..].trim().split_whitespace().next()?.parse::<u64>().ok()
+            l[i + "inconsistent stripes:".len()..].split_whitespace().next()?.parse::<u64>().ok()
         })
         .unwrap_or_else(|| panic!("`nbraid check` printed no `inconsistent stripes: N` line\n{}", show(&o)));
     (o.status.success(), n, o)
