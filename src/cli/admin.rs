@@ -559,6 +559,17 @@ pub fn format_status(st: &VolumeStatus) -> String {
             let _ = writeln!(out, "rebuild throttle: unlimited");
         }
     }
+    let i = &st.intent;
+    let _ = writeln!(
+        out,
+        "write-intent bitmap: {} of {} regions dirty ({} per member each); resync at start: {} regions, {} stripes repaired, {} skipped",
+        i.dirty_regions,
+        i.regions,
+        format_size(i.region_bytes),
+        i.resync_regions,
+        i.resync_repaired,
+        i.resync_skipped
+    );
     if let Some(scrub) = &st.scrub {
         let _ = writeln!(out, "{}", format_scrub(scrub));
     }
@@ -602,7 +613,8 @@ mod tests {
         assert_eq!(lines[7], "rebuilds:");
         assert_eq!(lines[8], "  rebuild slot 2 -> /d/m4: 25.0% (256 MiB / 1 GiB), 100.0 MiB/s, ETA 8s");
         assert_eq!(lines[9], "rebuild throttle: 200 MiB/s");
-        assert_eq!(lines.len(), 10);
+        assert_eq!(lines[10], "write-intent bitmap: 0 of 0 regions dirty (0 B per member each); resync at start: 0 regions, 0 stripes repaired, 0 skipped");
+        assert_eq!(lines.len(), 11);
     }
 
     #[test]
@@ -616,7 +628,8 @@ mod tests {
         assert!(text.contains("4 members: optimal\n"), "{text}");
         assert!(text.contains("\nspares: none\n"), "{text}");
         assert!(text.contains("\nrebuilds: none\n"), "{text}");
-        assert!(text.ends_with("rebuild throttle: unlimited\n"), "{text}");
+        assert!(text.contains("\nrebuild throttle: unlimited\n"), "{text}");
+        assert!(text.ends_with("0 stripes repaired, 0 skipped\n"), "{text}");
     }
 
     #[test]
