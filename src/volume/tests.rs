@@ -177,3 +177,29 @@ async fn assembly_refuses_bad_sets() {
     let bad = spec(dir.path(), "e", Level::Raid5, 2, None);
     assert!(matches!(create(&bad, &engine).await, Err(CreateError::Layout(_))));
 }
+
+/// A torn superblock write leaves the other copy: assembly uses it. Both copies gone: the member
+/// is reported as not a member, by name.
+#[tokio::test]
+async fn torn_superblock_copy_falls_back_to_the_other() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new().unwrap();
+    let s = spec(dir.path(), "sb", Level::Raid5, 3, None);
+    create(&s, &engine).await.unwrap();
+    {
+        // One membership change: the newer generation goes to one copy, the older stays in the other.
+        let vol = assemble(&s.members, &engine, Access::Exclusive).await.unwrap();
+        vol.fail("2").await.unwrap();
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(&s.members[0]).unwrap();
+    let newest = 2u64; // event 1 at create, 2 after the fail
+    f.write_all_at(&[0xee; 512], (newest % 2) * 4096 + 200).unwrap();
+    let vol = assemble(&s.members[..2], &engine, Access::SharedReadOnly).await.unwrap();
+    assert_eq!(vol.status().state, status::VolumeState::Degraded);
+    drop(vol);
+    f.write_all_at(&[0xee; 512], 200).unwrap();
+    f.write_all_at(&[0xee; 512], 4096 + 200).unwrap();
+    let e = assemble(&s.members[..2], &engine, Access::SharedReadOnly).await.err().unwrap().to_string();
+    assert!(e.contains("sb-m0") && e.contains("checksum"), "{e}");
+}
