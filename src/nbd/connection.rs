@@ -54,6 +54,8 @@ pub(crate) struct ConnContext<D> {
     pub shutdown: watch::Receiver<bool>,
     /// See `ServerConfig::shutdown_grace`.
     pub shutdown_grace: Duration,
+    /// See `ServerConfig::handshake_timeout`.
+    pub handshake_timeout: Duration,
     pub counters: Arc<Counters>,
     /// Held for as long as anything of this connection runs; the server waits for all clones.
     pub alive: mpsc::Sender<()>,
@@ -69,6 +71,7 @@ impl<D> Clone for ConnContext<D> {
             max_in_flight_bytes: self.max_in_flight_bytes,
             shutdown: self.shutdown.clone(),
             shutdown_grace: self.shutdown_grace,
+            handshake_timeout: self.handshake_timeout,
             counters: self.counters.clone(),
             alive: self.alive.clone(),
         }
@@ -119,6 +122,10 @@ where
         // Nothing has been promised to a client still negotiating, so just drop it.
         _ = shutdown_signalled(&mut shutdown) => {
             debug!(%peer, "closing connection in handshake: server shutting down");
+            return;
+        }
+        _ = tokio::time::sleep(ctx.handshake_timeout) => {
+            warn!(%peer, "dropping client: negotiation not finished within {:?}", ctx.handshake_timeout);
             return;
         }
     };

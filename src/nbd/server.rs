@@ -99,6 +99,9 @@ pub struct ServerConfig {
     /// is closed regardless (a client that stops reading would otherwise stall shutdown forever).
     /// Device operations already started always run to completion.
     pub shutdown_grace: Duration,
+    /// How long a client may take to finish option negotiation; an idle or dribbling client is
+    /// disconnected after it, so half-open connections cannot pile up.
+    pub handshake_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -115,6 +118,7 @@ impl Default for ServerConfig {
             max_in_flight: 256,
             max_in_flight_bytes: 256 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -237,6 +241,7 @@ impl<D: BlockDevice> Server<D> {
             max_in_flight_bytes: config.max_in_flight_bytes.clamp(1, u32::MAX as usize) as u32,
             shutdown: stop_rx.clone(),
             shutdown_grace: config.shutdown_grace,
+            handshake_timeout: config.handshake_timeout,
             counters: counters.clone(),
             alive,
         };

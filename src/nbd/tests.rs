@@ -951,3 +951,17 @@ async fn fio_random_writes_verify_with_deep_queues() {
     assert!(job["read"]["io_bytes"].as_u64().unwrap() >= SIZE, "verify pass read: {job}");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_negotiating_is_dropped() {
+    let h = start_with(MemDevice::new(), ServerConfig { handshake_timeout: Duration::from_millis(200), ..config() }).await;
+    let mut idle = h.connect().await;
+    greeting(&mut idle, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
+    // Sends no option at all: the server must give up on it, while a prompt client still works.
+    let mut prompt = open(&h, false).await;
+    expect_closed(&mut idle).await;
+    send_req(&mut prompt, CMD_READ, 0, 7, 0, 512).await;
+    assert_eq!(read_n(&mut prompt, 16 + 512).await.len(), 16 + 512);
+    drop(prompt);
+    h.stop().await;
+}
