@@ -194,23 +194,59 @@ async fn refuse_if_in_use(m: &Member) -> Result<(), CreateError> {
     }
 }
 
-/// True if a regular file has any allocated (non-hole) byte. Block devices: assumed blank.
+/// Allocated bytes `has_data` reads to see whether they are all zero before calling a file
+/// non-blank; beyond this it assumes data (and `--force` is needed).
+const ZERO_SCAN_LIMIT: u64 = 256 << 20;
+
+/// True if a regular file holds a non-zero byte. Holes are skipped (SEEK_DATA); allocated
+/// ranges are read, up to [`ZERO_SCAN_LIMIT`], since a preallocated or FUSE-backed blank file
+/// reports its zeros as data. Block devices: assumed blank.
 pub(super) fn has_data(path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
     let meta = std::fs::metadata(path)?;
     if !meta.is_file() || meta.len() == 0 {
         return Ok(false);
     }
     let f = std::fs::File::open(path)?;
-    // SAFETY: plain syscall on a descriptor we own.
-    let pos = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
-    if pos >= 0 {
-        return Ok(true);
+    let seek = |from: u64, whence| -> io::Result<Option<u64>> {
+        // SAFETY: plain syscall on a descriptor we own.
+        let pos = unsafe { libc::lseek(f.as_raw_fd(), from as libc::off_t, whence) };
+        if pos >= 0 {
+            return Ok(Some(pos as u64));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None), // no more data past `from`
+            _ => Err(e),
+        }
+    };
+    let mut scanned = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while let Some(start) = seek(pos, libc::SEEK_DATA)? {
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(meta.len());
+        let mut at = start;
+        while at < end {
+            if scanned >= ZERO_SCAN_LIMIT {
+                return Ok(true);
+            }
+            let n = ((end - at) as usize).min(buf.len());
+            let got = f.read_at(&mut buf[..n], at)?;
+            if got == 0 {
+                break;
+            }
+            if buf[..got].iter().any(|&b| b != 0) {
+                return Ok(true);
+            }
+            at += got as u64;
+            scanned += got as u64;
+        }
+        pos = end;
+        if pos >= meta.len() {
+            break;
+        }
     }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ENXIO) => Ok(false), // only holes
-        _ => Err(e),
-    }
+    Ok(false)
 }
 
 /// Makes [0, len) of a member read as zeros: punches a hole in a file, BLKZEROOUT on a device.

@@ -170,6 +170,20 @@ async fn assembly_refuses_bad_sets() {
     s.members[0] = data_file;
     let e = create(&s, &engine).await.err().unwrap();
     assert!(matches!(e, CreateError::HoldsData(_)), "{e}");
+    // Written zeros (allocated, not holes) are blank: accepted without --force.
+    let zeros = dir.path().join("zeros");
+    std::fs::write(&zeros, vec![0u8; 4 << 20]).unwrap();
+    let mut z = spec(dir.path(), "z", Level::Raid1, 2, None);
+    z.members[0] = zeros.clone();
+    create(&z, &engine).await.unwrap();
+    // One non-zero byte deep inside allocated zeros is still data.
+    let late = dir.path().join("late");
+    let mut bytes = vec![0u8; 4 << 20];
+    bytes[3 << 20] = 1;
+    std::fs::write(&late, bytes).unwrap();
+    z.members[0] = late;
+    z.name = "z2".into();
+    assert!(matches!(create(&z, &engine).await, Err(CreateError::HoldsData(_))));
 
     let mut small = spec(dir.path(), "d", Level::Raid0, 2, None);
     small.member_size = Some(1 << 20);
