@@ -38,6 +38,18 @@ struct Regions {
     gen: u64,
 }
 
+impl Regions {
+    /// Marks region `i` dirty (a no-op if it is) and returns the generation its bit was set at.
+    fn set_dirty(&mut self, i: usize) -> u64 {
+        if self.set_gen[i] == 0 {
+            self.gen += 1;
+            self.set_gen[i] = self.gen;
+            self.bits[i / 8] |= 1 << (i % 8);
+        }
+        self.set_gen[i]
+    }
+}
+
 pub(super) struct Intent {
     pub region_stripes: u64,
     pub regions: u64,
@@ -105,12 +117,7 @@ impl Intent {
                 let i = r as usize;
                 st.inflight[i] += 1;
                 st.touched[i] = true;
-                if st.set_gen[i] == 0 {
-                    st.gen += 1;
-                    st.set_gen[i] = st.gen;
-                    st.bits[i / 8] |= 1 << (i % 8);
-                }
-                need = need.max(st.set_gen[i]);
+                need = need.max(st.set_dirty(i));
             }
             need
         };
@@ -254,10 +261,7 @@ impl Volume {
         {
             let mut st = self.intent.lock();
             for &r in &dirty {
-                let i = r as usize;
-                st.gen += 1;
-                st.set_gen[i] = st.gen;
-                st.bits[i / 8] |= 1 << (i % 8);
+                st.set_dirty(r as usize);
             }
         }
         self.map_intent(&h);
@@ -280,10 +284,7 @@ impl Volume {
             tracing::warn!("{skipped} dirty stripe(s) could not be resynced: a member is lost (their parity may not match)");
         }
         *self.intent.resync.lock().unwrap_or_else(|p| p.into_inner()) = (dirty.len() as u64, repaired, skipped);
-        let candidates = self.intent.clean_candidates();
-        if self.flush().await.is_ok() {
-            self.intent.clean(&candidates).await;
-        }
+        self.clean_intent().await;
     }
 
     /// Periodic: clears the bits of regions with no write since the last look, after making
