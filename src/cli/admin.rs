@@ -281,11 +281,16 @@ async fn wait_for_scrub(control: &Path) -> Result<i32, String> {
         let scrub = resp.status.and_then(|s| s.scrub).ok_or("the daemon reports no scrub")?;
         if !scrub.running {
             println!("{}", format_scrub(&scrub));
-            let clean = scrub.error.is_none() && scrub.mismatches == scrub.repaired && scrub.skipped == 0;
+            // Clean: nothing found, or (repairing) everything found was fixed.
+            let found = scrub.mismatches + scrub.checksum_errors;
+            let clean = scrub.error.is_none() && scrub.unrepairable == 0 && scrub.skipped == 0 && (found == 0 || (scrub.repair && scrub.repaired >= found));
             return Ok(if clean { 0 } else { 1 });
         }
         if last_line.elapsed() >= PLAIN_INTERVAL {
-            println!("scrub: {}/{} stripes, {} mismatches so far", scrub.stripes_done, scrub.stripes_total, scrub.mismatches);
+            println!(
+                "scrub: {}/{} stripes, {} checksum errors, {} inconsistent stripes so far",
+                scrub.stripes_done, scrub.stripes_total, scrub.checksum_errors, scrub.mismatches
+            );
             last_line = Instant::now();
         }
         tokio::time::sleep(POLL_INTERVAL).await;
@@ -302,13 +307,16 @@ pub fn format_scrub(s: &crate::control::api::ScrubStatus) -> String {
         "finished"
     };
     let mut line = format!(
-        "scrub {state}{}: {}/{} stripes, {} read, {} mismatches, {} repaired, {} skipped (lost member)",
+        "scrub {state}{}: {}/{} stripes, {} read, {} blocks checked, {} checksum errors, {} inconsistent stripes, {} repaired, {} unrepairable, {} skipped (lost member)",
         if s.repair { " (repair)" } else { "" },
         s.stripes_done,
         s.stripes_total,
         format_size(s.bytes_checked),
+        s.blocks_checked,
+        s.checksum_errors,
         s.mismatches,
         s.repaired,
+        s.unrepairable,
         s.skipped
     );
     if let Some(e) = &s.error {
@@ -494,8 +502,8 @@ pub fn format_status(st: &VolumeStatus) -> String {
         state_name(st.state)
     );
 
-    let header = ["SLOT", "STATE", "PATH", "READS", "WRITES", "READ-ERR", "WRITE-ERR", "REPLACEMENT"];
-    let rows: Vec<[String; 8]> = st
+    let header = ["SLOT", "STATE", "PATH", "READS", "WRITES", "READ-ERR", "WRITE-ERR", "CSUM-ERR", "HEALED", "REPLACEMENT"];
+    let rows: Vec<[String; 10]> = st
         .slots
         .iter()
         .map(|s| {
@@ -507,6 +515,8 @@ pub fn format_status(st: &VolumeStatus) -> String {
                 s.writes.to_string(),
                 s.read_errors.to_string(),
                 s.write_errors.to_string(),
+                s.checksum_errors.to_string(),
+                s.repaired_blocks.to_string(),
                 s.replacement.clone().unwrap_or_else(|| "-".into()),
             ]
         })
@@ -518,7 +528,7 @@ pub fn format_status(st: &VolumeStatus) -> String {
         }
     }
     // Counters right-aligned so digits line up; text left-aligned.
-    let numeric = [true, false, false, true, true, true, true, false];
+    let numeric = [true, false, false, true, true, true, true, true, true, false];
     let mut table_line = |cells: &[String]| {
         let mut line = String::new();
         for (i, cell) in cells.iter().enumerate() {
@@ -570,6 +580,11 @@ pub fn format_status(st: &VolumeStatus) -> String {
         i.resync_repaired,
         i.resync_skipped
     );
+    if st.checksums {
+        let _ = writeln!(out, "block checksums: on; {} block(s) failed their checksum, {} rewritten from redundancy", st.checksum_errors, st.repaired_blocks);
+    } else {
+        let _ = writeln!(out, "block checksums: off");
+    }
     if let Some(scrub) = &st.scrub {
         let _ = writeln!(out, "{}", format_scrub(scrub));
     }
@@ -602,11 +617,11 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "volume vol0 (0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0): raid5 3+1, chunk 64 KiB, size 3 GiB, 4 members: rebuilding");
         let expected_table = [
-            "SLOT  STATE       PATH   READS  WRITES  READ-ERR  WRITE-ERR  REPLACEMENT",
-            "   0  active      /d/m0   1200     800         0          0  -",
-            "   1  replacing   /d/m1   1100     790         0          0  /d/new1",
-            "   2  rebuilding  /d/m4      0    5000         0          0  -",
-            "   3  missing     -          7       3         2          1  -",
+            "SLOT  STATE       PATH   READS  WRITES  READ-ERR  WRITE-ERR  CSUM-ERR  HEALED  REPLACEMENT",
+            "   0  active      /d/m0   1200     800         0          0         0       0  -",
+            "   1  replacing   /d/m1   1100     790         0          0         0       0  /d/new1",
+            "   2  rebuilding  /d/m4      0    5000         0          0         0       0  -",
+            "   3  missing     -          7       3         2          1         3       3  -",
         ];
         assert_eq!(&lines[1..6], &expected_table[..], "\n{text}");
         assert_eq!(lines[6], "spares: /d/spare0");
@@ -614,7 +629,8 @@ mod tests {
         assert_eq!(lines[8], "  rebuild slot 2 -> /d/m4: 25.0% (256 MiB / 1 GiB), 100.0 MiB/s, ETA 8s");
         assert_eq!(lines[9], "rebuild throttle: 200 MiB/s");
         assert_eq!(lines[10], "write-intent bitmap: 0 of 0 regions dirty (0 B per member each); resync at start: 0 regions, 0 stripes repaired, 0 skipped");
-        assert_eq!(lines.len(), 11);
+        assert_eq!(lines[11], "block checksums: on; 3 block(s) failed their checksum, 3 rewritten from redundancy");
+        assert_eq!(lines.len(), 12);
     }
 
     #[test]
@@ -629,7 +645,8 @@ mod tests {
         assert!(text.contains("\nspares: none\n"), "{text}");
         assert!(text.contains("\nrebuilds: none\n"), "{text}");
         assert!(text.contains("\nrebuild throttle: unlimited\n"), "{text}");
-        assert!(text.ends_with("0 stripes repaired, 0 skipped\n"), "{text}");
+        assert!(text.contains("0 stripes repaired, 0 skipped\n"), "{text}");
+        assert!(text.ends_with("rewritten from redundancy\n"), "{text}");
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub(crate) fn sample_status() -> VolumeStatus {
                 writes: 800,
                 read_errors: 0,
                 write_errors: 0,
+                checksum_errors: 0,
+                repaired_blocks: 0,
                 replacement: None,
             },
             SlotStatus {
@@ -43,6 +45,8 @@ pub(crate) fn sample_status() -> VolumeStatus {
                 writes: 790,
                 read_errors: 0,
                 write_errors: 0,
+                checksum_errors: 0,
+                repaired_blocks: 0,
                 replacement: Some("/d/new1".into()),
             },
             SlotStatus {
@@ -53,9 +57,11 @@ pub(crate) fn sample_status() -> VolumeStatus {
                 writes: 5000,
                 read_errors: 0,
                 write_errors: 0,
+                checksum_errors: 0,
+                repaired_blocks: 0,
                 replacement: None,
             },
-            SlotStatus { slot: 3, path: None, state: "missing".into(), reads: 7, writes: 3, read_errors: 2, write_errors: 1, replacement: None },
+            SlotStatus { slot: 3, path: None, state: "missing".into(), reads: 7, writes: 3, read_errors: 2, write_errors: 1, checksum_errors: 3, repaired_blocks: 3, replacement: None },
         ],
         spares: vec!["/d/spare0".into()],
         rebuilds: vec![RebuildStatus {
@@ -69,6 +75,9 @@ pub(crate) fn sample_status() -> VolumeStatus {
         max_rebuild_rate: Some(200 << 20),
         scrub: None,
         intent: Default::default(),
+        checksums: true,
+        checksum_errors: 3,
+        repaired_blocks: 3,
     }
 }
 

@@ -3,11 +3,14 @@
 //!
 //! Knows nothing of RAID levels: offsets here are raw byte offsets on the member.
 
+mod checksums;
 mod faults;
 
+pub use checksums::ChecksumLayout;
 pub use faults::FaultPlan;
 
 use crate::buf::{AlignedBuf, ALIGN};
+use crate::meta::checksums as csum_fmt;
 use crate::meta::superblock::{Superblock, SuperblockError, SUPERBLOCK_OFFSETS, SUPERBLOCK_SIZE};
 use crate::uring::{BufRange, Engine};
 use faults::Faults;
@@ -34,6 +37,18 @@ pub enum MemberError {
     Short { path: PathBuf, op: &'static str, offset: u64, done: usize, len: usize },
     #[error("{path}: {source}")]
     Superblock { path: PathBuf, source: SuperblockError },
+    /// The read completed, but these blocks (member offsets) do not match their checksums.
+    #[error("{path}: {} block(s) fail their checksum, first at offset {}", bad.len(), bad.first().copied().unwrap_or(0))]
+    Checksum { path: PathBuf, bad: Vec<u64> },
+    #[error("{path}: {op} at offset {offset} of {len} bytes is not block-aligned in the checksummed data area")]
+    Unaligned { path: PathBuf, op: &'static str, offset: u64, len: usize },
+}
+
+impl MemberError {
+    /// Damage found by checksums: the member itself still works.
+    pub fn is_checksum(&self) -> bool {
+        matches!(self, MemberError::Checksum { .. })
+    }
 }
 
 /// How a member is opened: `serve` and `create` need it to themselves, `check` only reads.
@@ -57,6 +72,8 @@ pub struct Member {
     faults: Faults,
     /// This disk's own identity from its superblock, kept when the volume rewrites it.
     uuid: std::sync::Mutex<[u8; 16]>,
+    /// Per-block checksums of the data area, once the volume's layout is known.
+    checksums: std::sync::OnceLock<checksums::ChecksumTable>,
     /// Holds the flock (see `open`).
     _lock: File,
 }
@@ -67,6 +84,8 @@ struct Counters {
     writes: AtomicU64,
     read_errors: AtomicU64,
     write_errors: AtomicU64,
+    checksum_errors: AtomicU64,
+    repaired: AtomicU64,
 }
 
 /// I/O counts of one member since it was opened.
@@ -76,6 +95,11 @@ pub struct MemberStats {
     pub writes: u64,
     pub read_errors: u64,
     pub write_errors: u64,
+    /// Blocks found not to match their checksum (confirmed by the volume, not counted twice
+    /// for one read).
+    pub checksum_errors: u64,
+    /// Blocks rewritten from redundancy after a checksum error.
+    pub repaired: u64,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -117,6 +141,7 @@ impl Member {
             stats: Counters::default(),
             faults: Faults::default(),
             uuid: std::sync::Mutex::new([0; 16]),
+            checksums: std::sync::OnceLock::new(),
             _lock: lock,
         };
         if direct {
@@ -177,7 +202,18 @@ impl Member {
             writes: c.writes.load(Ordering::Relaxed),
             read_errors: c.read_errors.load(Ordering::Relaxed),
             write_errors: c.write_errors.load(Ordering::Relaxed),
+            checksum_errors: c.checksum_errors.load(Ordering::Relaxed),
+            repaired: c.repaired.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts blocks the volume confirmed damaged, and blocks it rewrote.
+    pub fn note_checksum_errors(&self, blocks: u64) {
+        self.stats.checksum_errors.fetch_add(blocks, Ordering::Relaxed);
+    }
+
+    pub fn note_repaired(&self, blocks: u64) {
+        self.stats.repaired.fetch_add(blocks, Ordering::Relaxed);
     }
 
     /// Test hook: from now on, fail or delay this member's I/O as `plan` says.
@@ -185,14 +221,118 @@ impl Member {
         self.faults.set(plan);
     }
 
-    /// Reads exactly `buf.len()` bytes at `offset`.
+    /// Reads exactly `buf.len()` bytes at `offset`. In the checksummed data area every block is
+    /// verified: damaged ones are reported as [`MemberError::Checksum`], with the bytes read
+    /// left in `buf`.
     pub async fn read_at(&self, offset: u64, buf: BufRange) -> Result<(), MemberError> {
-        self.transfer("read", offset, buf).await
+        let blocks = self.checksummed("read", offset, buf.len())?;
+        self.transfer("read", offset, buf.clone()).await?;
+        let (Some(t), Some((first, _))) = (self.checksums.get(), blocks) else { return Ok(()) };
+        let bad = t.judge(first, buf.bytes());
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let bad = bad.into_iter().map(|i| offset + i * csum_fmt::BLOCK).collect();
+        Err(MemberError::Checksum { path: self.path.clone(), bad })
     }
 
-    /// Writes exactly `buf.len()` bytes at `offset`.
+    /// Writes exactly `buf.len()` bytes at `offset`. In the checksummed data area the blocks'
+    /// new checksums are made durable in the table first.
     pub async fn write_at(&self, offset: u64, buf: BufRange) -> Result<(), MemberError> {
+        if let (Some(t), Some((first, _))) = (self.checksums.get(), self.checksummed("write", offset, buf.len())?) {
+            let crcs: Vec<u32> = buf.bytes().chunks(csum_fmt::BLOCK as usize).map(csum_fmt::block_crc).collect();
+            let pages = t.record(first, &crcs);
+            let persists = pages.iter().map(|p| t.persist(p, |pos, bytes| self.write_raw(pos, bytes)));
+            futures::future::join_all(persists).await.into_iter().collect::<Result<(), _>>()?;
+        }
         self.transfer("write", offset, buf).await
+    }
+
+    /// The blocks an I/O covers, if checksums apply to it.
+    fn checksummed(&self, op: &'static str, offset: u64, len: usize) -> Result<Option<(u64, u64)>, MemberError> {
+        match self.checksums.get().and_then(|t| t.blocks_of(offset, len)) {
+            None => Ok(None),
+            Some(Ok(range)) => Ok(Some(range)),
+            Some(Err(())) => Err(MemberError::Unaligned { path: self.path.clone(), op, offset, len }),
+        }
+    }
+
+    async fn write_raw(&self, pos: u64, bytes: Vec<u8>) -> Result<(), MemberError> {
+        self.transfer("write", pos, BufRange::whole(Arc::new(AlignedBuf::from_slice(&bytes)))).await
+    }
+
+    /// Reads this member's checksum table (newest valid copy of each page). Pages with no valid
+    /// copy leave their blocks unknown; returns how many there were.
+    pub async fn load_checksums(&self, layout: ChecksumLayout) -> Result<u64, MemberError> {
+        const PAGES_PER_READ: u64 = 1024;
+        let blocks = layout.blocks() as usize;
+        let pages = layout.pages();
+        let mut entries = Vec::with_capacity(blocks);
+        let mut generations = Vec::with_capacity(pages as usize);
+        let mut lost = 0;
+        let mut page = 0;
+        while page < pages {
+            let n = PAGES_PER_READ.min(pages - page);
+            let buf = Arc::new(AlignedBuf::zeroed(n as usize * 2 * csum_fmt::PAGE));
+            self.transfer("read", layout.page_pos(page, 0), BufRange::whole(buf.clone())).await?;
+            for (i, pair) in buf.chunks(2 * csum_fmt::PAGE).enumerate() {
+                let p = page + i as u64;
+                let (a, b) = pair.split_at(csum_fmt::PAGE);
+                let want = ((p + 1) * csum_fmt::ENTRIES_PER_PAGE).min(blocks as u64) - p * csum_fmt::ENTRIES_PER_PAGE;
+                match csum_fmt::newest_page([a, b], &layout.volume_uuid, p) {
+                    Some(d) => {
+                        entries.extend_from_slice(&d.entries[..want as usize]);
+                        generations.push(d.generation);
+                    }
+                    None => {
+                        lost += 1;
+                        entries.extend(std::iter::repeat_n(csum_fmt::UNKNOWN, want as usize));
+                        generations.push(0);
+                    }
+                }
+            }
+            page += n;
+        }
+        if lost > 0 {
+            tracing::warn!("{}: {lost} checksum page(s) have no valid copy; their blocks will be healed from redundancy", self.path.display());
+        }
+        let _ = self.checksums.set(checksums::ChecksumTable::new(layout, entries, generations));
+        Ok(lost)
+    }
+
+    /// Starts a table of unknown blocks (a member joining the volume, to be rebuilt).
+    pub fn fresh_checksums(&self, layout: ChecksumLayout) {
+        let entries = vec![csum_fmt::UNKNOWN; layout.blocks() as usize];
+        let _ = self.checksums.set(checksums::ChecksumTable::new(layout, entries, vec![0; layout.pages() as usize]));
+    }
+
+    pub fn has_checksums(&self) -> bool {
+        self.checksums.get().is_some()
+    }
+
+    /// While on, a block holding the data from before its last write is accepted (crash recovery).
+    pub fn set_checksum_recovery(&self, on: bool) {
+        if let Some(t) = self.checksums.get() {
+            t.set_recovering(on);
+        }
+    }
+
+    /// Writes table pages changed by reads (entries settled during crash recovery).
+    pub async fn persist_checksums(&self) -> Result<(), MemberError> {
+        let Some(t) = self.checksums.get() else { return Ok(()) };
+        for p in t.unpersisted_pages() {
+            t.persist(&p, |pos, bytes| self.write_raw(pos, bytes)).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `block` (4096 bytes at member offset `pos`) is what the checksum table says is
+    /// there; true without checksums or for a block of unknown content.
+    pub fn checksum_accepts(&self, pos: u64, block: &[u8]) -> bool {
+        match (self.checksums.get(), self.checksums.get().and_then(|t| t.blocks_of(pos, block.len()))) {
+            (Some(t), Some(Ok((first, _)))) => t.accepts(first, csum_fmt::block_crc(block)),
+            _ => true,
+        }
     }
 
     async fn transfer(&self, op: &'static str, offset: u64, buf: BufRange) -> Result<(), MemberError> {
@@ -332,7 +472,8 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::superblock::{SlotState, METADATA_RESERVED};
+    use crate::meta::checksums as csum_fmt;
+use crate::meta::superblock::{SlotState, METADATA_RESERVED};
 
     fn sb(event: u64) -> Superblock {
         Superblock {
@@ -356,6 +497,7 @@ mod tests {
             replacement_ids: vec![0; 2],
             spare: false,
             replacement: false,
+            checksum_offset: 0,
         }
     }
 

@@ -1,6 +1,7 @@
 //! On-disk formats. Every structure carries a magic, a format version and a crc32c.
 
 pub mod bitmap;
+pub mod checksums;
 pub mod superblock;
 
 pub use superblock::{SlotState, Superblock, SuperblockError};

@@ -1,6 +1,6 @@
 //! The member superblock: who this member is and what volume it belongs to.
 //!
-//! Format (version 1), one 4096-byte block, little-endian:
+//! Format (version 2), one 4096-byte block, little-endian:
 //!
 //! | offset | size | field |
 //! |---|---|---|
@@ -27,6 +27,7 @@
 //! | 320 | 1024 | per slot, u64: rebuild checkpoint (stripes done) for rebuilding/replacing slots |
 //! | 1344 | 1024 | per slot, u64: id of the member that holds the slot (see [`member_id`]) |
 //! | 2368 | 1024 | per slot, u64: id of the replacement being built for the slot, or 0 |
+//! | 3392 | 8 | checksum table offset (see `meta::checksums`), 0 when the volume keeps no block checksums |
 //! | 4092 | 4 | crc32c of bytes 0..4092 |
 //!
 //! Two copies live at [`SUPERBLOCK_OFFSETS`]; a new superblock is written to the copy selected by
@@ -35,7 +36,7 @@
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 8] = b"NBRAIDSB";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const SUPERBLOCK_SIZE: usize = 4096;
 /// Byte offsets of the two superblock copies on every member.
 pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, 4096];
@@ -109,6 +110,8 @@ pub struct Superblock {
     pub spare: bool,
     /// This member is being built to replace the member in slot `member_index`.
     pub replacement: bool,
+    /// Where the per-block checksum table starts; 0 when the volume keeps none.
+    pub checksum_offset: u64,
 }
 
 const FLAG_SPARE: u32 = 1;
@@ -117,6 +120,7 @@ const STATES_OFFSET: usize = 192;
 const CHECKPOINTS_OFFSET: usize = 320;
 const SLOT_IDS_OFFSET: usize = 1344;
 const REPLACEMENT_IDS_OFFSET: usize = 2368;
+const CHECKSUM_OFFSET_AT: usize = 3392;
 
 /// A member's short identity: the first 8 bytes of its member UUID.
 pub fn member_id(uuid: &[u8; 16]) -> u64 {
@@ -181,6 +185,7 @@ impl Superblock {
                 b[at..at + 8].copy_from_slice(&v.to_le_bytes());
             }
         }
+        b[CHECKSUM_OFFSET_AT..CHECKSUM_OFFSET_AT + 8].copy_from_slice(&self.checksum_offset.to_le_bytes());
         let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
         b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -224,6 +229,16 @@ impl Superblock {
         if data_offset.checked_add(u64_at(b, 96)).is_none() {
             return Err(SuperblockError::Malformed("data area extends beyond 2^64 bytes"));
         }
+        let checksum_offset = u64_at(b, CHECKSUM_OFFSET_AT);
+        if checksum_offset != 0 {
+            let table_end = checksum_offset.checked_add(super::checksums::table_bytes(u64_at(b, 96)));
+            if checksum_offset < SUPERBLOCK_OFFSETS[1] + SUPERBLOCK_SIZE as u64
+                || !checksum_offset.is_multiple_of(SUPERBLOCK_SIZE as u64)
+                || table_end.is_none_or(|end| end > data_offset)
+            {
+                return Err(SuperblockError::Malformed("checksum table overlaps other metadata or the data area"));
+            }
+        }
         let name_len = u32_at(b, 120) as usize;
         if name_len > MAX_NAME_LEN {
             return Err(SuperblockError::Malformed("name too long"));
@@ -255,6 +270,7 @@ impl Superblock {
             replacement_ids: table(REPLACEMENT_IDS_OFFSET),
             spare: flags & FLAG_SPARE != 0,
             replacement: flags & FLAG_REPLACEMENT != 0,
+            checksum_offset,
         })
     }
 
@@ -283,6 +299,7 @@ impl Superblock {
             && self.data_offset == other.data_offset
             && self.member_data_bytes == other.member_data_bytes
             && self.volume_size == other.volume_size
+            && self.checksum_offset == other.checksum_offset
     }
 }
 
@@ -329,7 +346,7 @@ mod tests {
             data_shards: 3,
             parity_shards: 1,
             chunk: 65536,
-            data_offset: METADATA_RESERVED,
+            data_offset: METADATA_RESERVED + (8 << 20),
             member_data_bytes: 1 << 30,
             volume_size: 3 << 30,
             member_index: 2,
@@ -340,6 +357,7 @@ mod tests {
             replacement_ids: vec![0, 0, 0, 55],
             spare: false,
             replacement: true,
+            checksum_offset: 1 << 20,
         }
     }
 

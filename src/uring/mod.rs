@@ -59,6 +59,14 @@ impl BufRange {
         self.len == 0
     }
 
+    /// The bytes of the range. Only for a range no read is filling: the bytes a write is about
+    /// to send, or those of a read that has completed.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: in bounds (checked at construction); the caller's contract above means no
+        // operation is writing these bytes while they are looked at.
+        unsafe { std::slice::from_raw_parts(self.ptr(), self.len) }
+    }
+
     fn ptr(&self) -> *mut u8 {
         // SAFETY: offset + len <= buf.len() was checked at construction.
         unsafe { self.buf.as_ptr_mut_shared().add(self.offset) }

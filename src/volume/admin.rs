@@ -58,10 +58,14 @@ impl Volume {
                     writes: stats.writes,
                     read_errors: stats.read_errors,
                     write_errors: stats.write_errors,
+                    checksum_errors: stats.checksum_errors,
+                    repaired_blocks: stats.repaired,
                     replacement: e.replacement.as_ref().map(|m| m.path().display().to_string()),
                 }
             })
-            .collect();
+            .collect::<Vec<SlotStatus>>();
+        let checksum_errors = slots.iter().map(|s| s.checksum_errors).sum();
+        let repaired_blocks = slots.iter().map(|s| s.repaired_blocks).sum();
         let rebuilds = h
             .slots
             .iter()
@@ -101,6 +105,9 @@ impl Volume {
             max_rebuild_rate: self.rebuild.max_rate(),
             intent: self.intent_status(),
             scrub: self.scrub_status(),
+            checksums: self.checksums.is_some(),
+            checksum_errors,
+            repaired_blocks,
         }
     }
 
@@ -180,6 +187,9 @@ impl Volume {
         }
         // A new identity: whatever this disk held before, it is not what the volume has recorded.
         member.assign_uuid(crate::meta::superblock::random_uuid().map_err(|e| AdminError::Refused(format!("random UUID: {e}")))?);
+        if let Some(layout) = self.checksums {
+            member.fresh_checksums(layout);
+        }
         Ok(Arc::new(member))
     }
 

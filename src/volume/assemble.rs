@@ -5,7 +5,7 @@ use super::health::{Health, Progress, SlotEntry};
 use super::{locks::StripeLocks, Volume};
 use crate::codec::Codec;
 use crate::layout::{Geometry, Level};
-use crate::member::{Access, Member, MemberError};
+use crate::member::{Access, ChecksumLayout, Member, MemberError};
 use crate::meta::superblock::{member_id, uuid_string, Superblock};
 use crate::meta::SlotState;
 use crate::uring::Engine;
@@ -57,6 +57,7 @@ pub async fn assemble(paths: &[PathBuf], engine: &Arc<Engine>, access: Access) -
     }
     let found = open_members(paths, engine, access).await?;
     let (volume, changed) = from_members(found, engine)?;
+    volume.load_checksums().await?;
     if access == Access::Exclusive {
         volume.resync_dirty().await;
         if changed {
@@ -174,6 +175,12 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         return Err(AssembleError::TooManyLost { name: reference.name.clone(), level: geometry.level.name(), lost, tolerated });
     }
     let codec = Codec::for_geometry(&geometry).map_err(|e| AssembleError::BadGeometry { path: ref_path.clone(), reason: e.to_string() })?;
+    let checksums = (reference.checksum_offset != 0).then_some(ChecksumLayout {
+        volume_uuid: reference.volume_uuid,
+        table_offset: reference.checksum_offset,
+        data_offset: reference.data_offset,
+        data_bytes: reference.member_data_bytes,
+    });
     let volume = Volume {
         name: reference.name.clone(),
         uuid: reference.volume_uuid,
@@ -188,8 +195,25 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         scrub: Default::default(),
         intent: super::intent::Intent::new(geometry.stripes, geometry.chunk),
         engine: engine.clone(),
+        checksums,
     };
     Ok((volume, changed))
+}
+
+impl Volume {
+    /// Reads the checksum table of every member in service; spares start with unknown blocks,
+    /// which their rebuild fills in.
+    async fn load_checksums(&self) -> Result<(), MemberError> {
+        let Some(layout) = self.checksums else { return Ok(()) };
+        let h = self.health();
+        for m in h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter())) {
+            m.load_checksums(layout).await?;
+        }
+        for m in &h.spares {
+            m.fresh_checksums(layout);
+        }
+        Ok(())
+    }
 }
 
 fn refuse_same_member_twice(found: &[(Member, Superblock)]) -> Result<(), AssembleError> {

@@ -3,7 +3,7 @@
 use crate::buf::AlignedBuf;
 use crate::layout::{Geometry, LayoutError, Level};
 use crate::member::{Access, Member, MemberError};
-use crate::meta::bitmap;
+use crate::meta::{bitmap, checksums};
 use crate::meta::superblock::{member_id, random_uuid, uuid_string, SlotState, Superblock, SuperblockError, MAX_NAME_LEN, METADATA_RESERVED};
 use crate::uring::BufRange;
 use crate::uring::Engine;
@@ -28,6 +28,8 @@ pub struct CreateSpec {
     pub members: Vec<PathBuf>,
     /// Overwrite members that belong to a volume or hold data.
     pub force: bool,
+    /// Keep a crc32c per 4096-byte block on every member (see `meta::checksums`).
+    pub checksums: bool,
 }
 
 #[derive(Debug, Error)]
@@ -94,13 +96,13 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
         }
     }
     let usable = opened.iter().map(|m| spec.member_size.map_or(m.size(), |s| s.min(m.size()))).min().unwrap_or(0);
-    let geometry = Geometry::new(spec.level, n, spec.ec, spec.chunk, usable - METADATA_RESERVED)?;
+    let (geometry, checksum_offset, data_offset) = data_area(spec, usable)?;
 
     // Parity must match the data from the first read on: start from all zeros, whose parity
     // (XOR and Reed-Solomon alike) is zeros. Fresh sparse files already are.
     for (m, &is_fresh) in opened.iter().zip(&fresh) {
         if !is_fresh {
-            zero_member(m.path(), METADATA_RESERVED + geometry.stripes * geometry.chunk)?;
+            zero_member(m.path(), data_offset + geometry.stripes * geometry.chunk)?;
         }
     }
 
@@ -116,7 +118,7 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
         data_shards: geometry.data_shards,
         parity_shards: geometry.parity_shards,
         chunk: geometry.chunk,
-        data_offset: METADATA_RESERVED,
+        data_offset,
         member_data_bytes: geometry.stripes * geometry.chunk,
         volume_size: geometry.volume_size(),
         member_index: 0,
@@ -127,6 +129,7 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
         replacement_ids: vec![0; n as usize],
         spare: false,
         replacement: false,
+        checksum_offset,
     };
     // A clean write-intent bitmap on every member, so the first start resyncs nothing.
     let (region_stripes, regions) = super::intent::intent_geometry(geometry.stripes, geometry.chunk);
@@ -135,6 +138,11 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
     let area = Arc::new(area);
     for m in &opened {
         m.write_at(bitmap::BITMAP_OFFSET, BufRange::whole(area.clone())).await?;
+    }
+    if checksum_offset != 0 {
+        for m in &opened {
+            write_zero_checksums(m, &volume_uuid, checksum_offset, geometry.stripes * geometry.chunk).await?;
+        }
     }
     let mut uuids = Vec::with_capacity(opened.len());
     for m in &opened {
@@ -150,6 +158,47 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
     template.member_index = 0;
     tracing::debug!("created volume {} ({})", spec.name, uuid_string(&volume_uuid));
     Ok(Created { superblock: template, geometry })
+}
+
+/// The geometry and where the checksum table (0: none) and the data area start. The table sits
+/// right after the reserved metadata; the data area after it, on a 1 MiB boundary.
+fn data_area(spec: &CreateSpec, usable: u64) -> Result<(Geometry, u64, u64), CreateError> {
+    let n = spec.members.len() as u32;
+    let mut geometry = Geometry::new(spec.level, n, spec.ec, spec.chunk, usable - METADATA_RESERVED)?;
+    if !spec.checksums {
+        return Ok((geometry, 0, METADATA_RESERVED));
+    }
+    // The table shrinks the data area, which shrinks the table: settle in a few rounds.
+    let mut data_offset = METADATA_RESERVED;
+    for _ in 0..4 {
+        let table = checksums::table_bytes(geometry.stripes * geometry.chunk);
+        data_offset = METADATA_RESERVED + table.div_ceil(1 << 20) * (1 << 20);
+        if usable < data_offset + spec.chunk {
+            return Err(CreateError::TooSmall { path: spec.members[0].clone(), size: usable, need: data_offset + spec.chunk });
+        }
+        geometry = Geometry::new(spec.level, n, spec.ec, spec.chunk, usable - data_offset)?;
+    }
+    Ok((geometry, METADATA_RESERVED, data_offset))
+}
+
+/// Writes every page of a fresh table, copy 0, saying every block holds zeros (which `create`
+/// made true).
+async fn write_zero_checksums(m: &Member, uuid: &[u8; 16], table_offset: u64, data_bytes: u64) -> Result<(), CreateError> {
+    const PAGES_PER_WRITE: u64 = 1024;
+    let pages = checksums::pages_for(data_bytes);
+    let entries = vec![checksums::zero_entry(); checksums::ENTRIES_PER_PAGE as usize];
+    let mut page = 0;
+    while page < pages {
+        let count = PAGES_PER_WRITE.min(pages - page);
+        let mut buf = AlignedBuf::zeroed(count as usize * 2 * checksums::PAGE);
+        for (i, pair) in buf.chunks_mut(2 * checksums::PAGE).enumerate() {
+            checksums::encode_page(&mut pair[..checksums::PAGE], uuid, page + i as u64, 0, &entries);
+        }
+        m.write_at(table_offset + checksums::page_offset(page, 0), BufRange::whole(Arc::new(buf))).await?;
+        page += count;
+    }
+    m.sync().await?;
+    Ok(())
 }
 
 /// Creates a missing file or grows a short one to `size`. Returns true if the member is known

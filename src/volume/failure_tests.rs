@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const MEMBER_SIZE: u64 = (1 << 20) + (2 << 20);
+const MEMBER_SIZE: u64 = (2 << 20) + (2 << 20); // metadata and checksums + 2 MiB of data
 const CHUNK: u64 = 16 << 10;
 
 fn spec(dir: &Path, level: Level, n: usize, ec: Option<(u32, u32)>) -> CreateSpec {
@@ -24,6 +24,7 @@ fn spec(dir: &Path, level: Level, n: usize, ec: Option<(u32, u32)>) -> CreateSpe
         name: "f".into(),
         members: (0..n).map(|i| dir.join(format!("m{i}"))).collect(),
         force: false,
+        checksums: true,
     }
 }
 
@@ -260,10 +261,24 @@ fn flip(path: &Path, at: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrub_finds_and_repairs_parity_mismatches() {
+    scrub_finds_and_repairs(false).await;
+}
+
+/// With checksums the same flips are damaged blocks: found by their checksums, healed from
+/// the other shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrub_finds_and_heals_damaged_blocks() {
+    scrub_finds_and_repairs(true).await;
+}
+
+async fn scrub_finds_and_repairs(checksums: bool) {
     for (level, n, ec) in [(Level::Raid5, 4, None), (Level::Ec, 6, Some((4, 2))), (Level::Raid1, 3, None)] {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::new().unwrap();
-        let spec = spec(dir.path(), level, n, ec);
+        let mut spec = spec(dir.path(), level, n, ec);
+        spec.checksums = checksums;
+        // (inconsistent stripes, damaged blocks) each flip shows up as.
+        let found = |count: u64| if checksums { (0, count) } else { (count, 0) };
         let g = create(&spec, &engine).await.unwrap().geometry;
         let vol = Arc::new(assemble(&spec.members, &engine, Access::Exclusive).await.unwrap());
         let model = Mutex::new(vec![0u8; vol.size() as usize]);
@@ -276,13 +291,14 @@ async fn scrub_finds_and_repairs_parity_mismatches() {
         }
         vol.start_scrub(false, None).unwrap();
         let report = wait_scrub(&vol).await;
-        assert_eq!((report.mismatches, report.repaired, report.stripes_done), (3, 0, g.stripes), "{level:?}: {report:?}");
+        assert_eq!(((report.mismatches, report.checksum_errors), report.repaired, report.stripes_done), (found(3), 0, g.stripes), "{level:?}: {report:?}");
         vol.start_scrub(true, Some(64 << 20)).unwrap();
         assert!(vol.start_scrub(true, None).is_err(), "a second concurrent scrub must be refused");
         let report = wait_scrub(&vol).await;
-        assert_eq!((report.mismatches, report.repaired), (3, 3), "{level:?}: {report:?}");
+        assert_eq!(((report.mismatches, report.checksum_errors), report.repaired, report.unrepairable), (found(3), 3, 0), "{level:?}: {report:?}");
         vol.start_scrub(false, None).unwrap();
-        assert_eq!(wait_scrub(&vol).await.mismatches, 0, "{level:?}: second scrub still finds mismatches");
+        let again = wait_scrub(&vol).await;
+        assert_eq!((again.mismatches, again.checksum_errors), (0, 0), "{level:?}: second scrub still finds something: {again:?}");
         assert_matches(&vol, &model, "after scrub repair").await;
         // Prove the repaired redundancy is right: lose a data member, read everything back.
         vol.fail(&g.shard_member(0, 0).to_string()).await.unwrap();
@@ -325,6 +341,7 @@ async fn restart_resyncs_only_dirty_regions() {
     let engine = Engine::new().unwrap();
     let mut spec = spec(dir.path(), Level::Raid5, 3, None);
     spec.member_size = Some((1 << 20) + (16 << 20)); // several bitmap regions
+    spec.checksums = false; // parity mismatches, not damaged blocks
     let g = create(&spec, &engine).await.unwrap().geometry;
     let (dirty_stripe, clean_stripe);
     {

@@ -241,6 +241,56 @@ impl Volume {
     pub(super) async fn resync_dirty(&self) {
         // Read the on-disk bits before mapping writes the (clean) in-memory bits over them.
         let h = self.health();
+        let dirty: Vec<u64> = match self.dirty_regions_on_disk(&h) {
+            Some(d) => d.into_iter().collect(),
+            None => {
+                tracing::warn!("no readable write-intent bitmap on any member: resyncing the whole volume");
+                (0..self.intent.regions).collect()
+            }
+        };
+        // Keep those regions marked while resyncing, so a crash now resyncs them again.
+        {
+            let mut st = self.intent.lock();
+            for &r in &dirty {
+                st.set_dirty(r as usize);
+            }
+        }
+        self.map_intent(&h);
+        // raid0 without checksums has nothing that could disagree: nothing to resync.
+        if dirty.is_empty() || (self.geometry.level == crate::layout::Level::Raid0 && self.checksums.is_none()) {
+            let candidates = self.intent.clean_candidates();
+            self.intent.clean(&candidates).await;
+            return;
+        }
+        tracing::info!("resyncing {} dirty region(s) of {} after an unclean stop", dirty.len(), self.intent.regions);
+        // A block in a dirty region may hold the data from before its last write (cut off by
+        // the crash): accepted while resyncing, and its checksum entry settled to it.
+        let members: Vec<Arc<Member>> = h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter())).cloned().collect();
+        members.iter().for_each(|m| m.set_checksum_recovery(true));
+        let (mut repaired, mut skipped) = (0, 0);
+        for &r in &dirty {
+            let first = r * self.intent.region_stripes;
+            let last = (first + self.intent.region_stripes).min(self.geometry.stripes);
+            let (rep, skip) = self.resync_range(first, last).await;
+            repaired += rep;
+            skipped += skip;
+        }
+        for m in &members {
+            m.set_checksum_recovery(false);
+            if let Err(e) = m.persist_checksums().await {
+                self.member_failed(m, &e).await;
+            }
+        }
+        if skipped > 0 {
+            tracing::warn!("{skipped} dirty stripe(s) could not be resynced: a member is lost (their parity may not match)");
+        }
+        *self.intent.resync.lock().unwrap_or_else(|p| p.into_inner()) = (dirty.len() as u64, repaired, skipped);
+        self.clean_intent().await;
+    }
+
+    /// The union of the dirty regions in every member's bitmap; `None` if no member has a
+    /// readable bitmap (then everything must be taken as dirty).
+    pub(super) fn dirty_regions_on_disk(&self, h: &Health) -> Option<std::collections::BTreeSet<u64>> {
         let mut on_disk = std::collections::BTreeSet::new();
         let mut valid = 0;
         for m in h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter())) {
@@ -251,40 +301,7 @@ impl Volume {
                 }
             }
         }
-        let dirty: Vec<u64> = if valid == 0 {
-            tracing::warn!("no readable write-intent bitmap on any member: resyncing the whole volume");
-            (0..self.intent.regions).collect()
-        } else {
-            on_disk.into_iter().collect()
-        };
-        // Keep those regions marked while resyncing, so a crash now resyncs them again.
-        {
-            let mut st = self.intent.lock();
-            for &r in &dirty {
-                st.set_dirty(r as usize);
-            }
-        }
-        self.map_intent(&h);
-        if dirty.is_empty() || self.geometry.level == crate::layout::Level::Raid0 {
-            // raid0 has no redundancy that could disagree: nothing to resync.
-            let candidates = self.intent.clean_candidates();
-            self.intent.clean(&candidates).await;
-            return;
-        }
-        tracing::info!("resyncing {} dirty region(s) of {} after an unclean stop", dirty.len(), self.intent.regions);
-        let (mut repaired, mut skipped) = (0, 0);
-        for &r in &dirty {
-            let first = r * self.intent.region_stripes;
-            let last = (first + self.intent.region_stripes).min(self.geometry.stripes);
-            let (rep, skip) = self.resync_range(first, last).await;
-            repaired += rep;
-            skipped += skip;
-        }
-        if skipped > 0 {
-            tracing::warn!("{skipped} dirty stripe(s) could not be resynced: a member is lost (their parity may not match)");
-        }
-        *self.intent.resync.lock().unwrap_or_else(|p| p.into_inner()) = (dirty.len() as u64, repaired, skipped);
-        self.clean_intent().await;
+        (valid > 0).then_some(on_disk)
     }
 
     /// Periodic: clears the bits of regions with no write since the last look, after making

@@ -115,7 +115,8 @@ impl Volume {
         self.geometry.shard_member(stripe, shard) as usize
     }
 
-    pub(super) async fn fail_all(&self, faults: Vec<Fault>) {
+    /// Fails the members of I/O faults (never called with checksum damage: see `settle_faults`).
+    pub(super) async fn fail_all_io(&self, faults: Vec<Fault>) {
         for f in faults {
             self.member_failed(&f.member, &f.error).await;
         }
@@ -186,10 +187,35 @@ impl Volume {
             match member {
                 Some(m) => match member_read(&m, self.member_pos(stripe, p.chunk_offset), buf, p.buf_offset, p.len).await {
                     Ok(()) => return Ok(()),
+                    Err(f) if f.error.is_checksum() => return self.read_piece_healed(stripe, p, buf, locked).await,
                     Err(f) => self.member_failed(&f.member, &f.error).await,
                 },
                 None if matches!(self.geometry.level, Level::Raid5 | Level::Ec) => return self.read_piece_degraded(stripe, p, buf, locked).await,
                 None => return Err(VolumeError::Unavailable { stripe }),
+            }
+        }
+    }
+
+    /// A read found damage: under the stripe lock (so no write is half done), heal the piece's
+    /// rows on every member, then read it again.
+    async fn read_piece_healed(&self, stripe: u64, p: &Piece, buf: &Arc<AlignedBuf>, locked: bool) -> Result<(), VolumeError> {
+        let _guard = if locked { None } else { Some(self.locks.lock(stripe).await) };
+        let healed = self.heal_rows(stripe, p.chunk_offset, p.len).await?;
+        if healed.unrepairable > 0 {
+            return Err(VolumeError::Corrupt { stripe });
+        }
+        loop {
+            let h = self.health();
+            let member = match self.geometry.level {
+                Level::Raid1 => self.mirror_for(&h, stripe),
+                _ => h.readable(self.slot_of_shard(stripe, p.shard), stripe, &self.progress).cloned(),
+            };
+            let Some(m) = member else { return self.read_piece_degraded(stripe, p, buf, true).await };
+            match member_read(&m, self.member_pos(stripe, p.chunk_offset), buf, p.buf_offset, p.len).await {
+                Ok(()) => return Ok(()),
+                // Healed a moment ago under this lock: damage now is damage healing cannot fix.
+                Err(f) if f.error.is_checksum() => return Err(VolumeError::Corrupt { stripe }),
+                Err(f) => self.member_failed(&f.member, &f.error).await,
             }
         }
     }
@@ -213,7 +239,7 @@ impl Volume {
             let pos = self.member_pos(stripe, p.chunk_offset);
             let faults = faults_of(sources.iter().map(|(shard, m)| member_read(m, pos, &shards, *shard as u64 * p.len, p.len))).await;
             if !faults.is_empty() {
-                self.fail_all(faults).await;
+                self.settle_faults(faults).await?;
                 continue;
             }
             let mut shards = reclaim(shards)?;
@@ -284,14 +310,16 @@ impl Volume {
                 Level::Raid5 | Level::Ec => self.write_parity(&h, ext, buf).await?,
             };
             match attempt {
-                Attempt::ReadFailed(faults) => self.fail_all(faults).await,
+                Attempt::ReadFailed(faults) => {
+                    self.settle_faults(faults).await?;
+                }
                 Attempt::Written(faults) => {
                     if faults.is_empty() {
                         return Ok(());
                     }
                     // Every shard that was written holds the new, mutually consistent version;
                     // the ones that failed are taken out. The stripe is good while enough remain.
-                    self.fail_all(faults).await;
+                    self.fail_all_io(faults).await;
                     return if self.serviceable(&self.health(), ext) { Ok(()) } else { Err(VolumeError::Unavailable { stripe: ext.stripe }) };
                 }
             }
@@ -485,7 +513,7 @@ impl Volume {
         if faults.is_empty() {
             return Ok(());
         }
-        self.fail_all(faults).await;
+        self.fail_all_io(faults).await;
         if self.health().exhausted {
             return Err(VolumeError::Exhausted);
         }

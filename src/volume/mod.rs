@@ -11,6 +11,7 @@ mod create;
 mod failure;
 #[cfg(test)]
 mod failure_tests;
+mod heal;
 mod health;
 mod intent;
 mod io;
@@ -45,6 +46,8 @@ pub enum VolumeError {
     Unavailable { stripe: u64 },
     #[error("parity computation failed: {0}")]
     Codec(String),
+    #[error("stripe {stripe}: a block fails its checksum and cannot be rebuilt from redundancy")]
+    Corrupt { stripe: u64 },
     #[error("the volume has lost more members than it tolerates")]
     Exhausted,
     #[error("internal error: {0}")]
@@ -69,6 +72,8 @@ pub struct Volume {
     intent: intent::Intent,
     /// For opening members added at run time.
     engine: Arc<crate::uring::Engine>,
+    /// Where the per-block checksums live on every member; `None` for a volume created without.
+    checksums: Option<crate::member::ChecksumLayout>,
 }
 
 impl Volume {

@@ -198,8 +198,13 @@ impl Volume {
                 break false;
             }
             if !faults.is_empty() {
+                // Damaged source blocks are healed under the batch's locks, then the batch redone.
+                let settled = self.settle_faults(faults).await;
                 drop(guards);
-                self.fail_all(faults).await;
+                if let Err(e) = settled {
+                    tracing::error!("rebuild of slot {slot} stopped: {e}");
+                    break false;
+                }
                 continue;
             }
             self.progress.set(slot, done + batch);

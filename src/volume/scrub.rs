@@ -8,10 +8,12 @@
 //! Batches run under the stripe locks, so a scrub never sees a write half done and never
 //! repairs over a concurrent write.
 
-use super::io::{faults_of, member_read, member_write, reclaim};
+use super::heal::{damaged_positions, Healed};
+use super::io::{faults_of, member_read, member_write, reclaim, Fault};
 use super::status::ScrubStatus;
 use super::{Volume, VolumeError};
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, ALIGN};
+use std::collections::BTreeSet;
 use crate::layout::Level;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,6 +45,15 @@ fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// What a scrub batch found.
+struct BatchResult {
+    verdicts: Vec<Verdict>,
+    /// Checksum damage found, and healed with `repair`.
+    healed: Healed,
+    /// Blocks read and verified.
+    blocks: u64,
+}
+
 /// What one stripe of a scrub batch came to.
 enum Verdict {
     Consistent,
@@ -55,8 +66,8 @@ enum Verdict {
 impl Volume {
     /// Starts a scrub in the background; refused while one is running.
     pub fn start_scrub(self: &Arc<Self>, repair: bool, max_rate: Option<u64>) -> Result<String, super::AdminError> {
-        if self.geometry.level == Level::Raid0 {
-            return Err(super::AdminError::Refused("raid0 has no redundancy to scrub against".into()));
+        if self.geometry.level == Level::Raid0 && self.checksums.is_none() {
+            return Err(super::AdminError::Refused("raid0 without checksums has nothing to scrub against".into()));
         }
         if self.scrub.running.swap(true, Ordering::SeqCst) {
             return Err(super::AdminError::Refused("a scrub is already running".into()));
@@ -67,8 +78,11 @@ impl Volume {
             stripes_done: 0,
             stripes_total: self.geometry.stripes,
             bytes_checked: 0,
+            blocks_checked: 0,
+            checksum_errors: 0,
             mismatches: 0,
             repaired: 0,
+            unrepairable: 0,
             skipped: 0,
             started_unix: now_unix(),
             finished_unix: None,
@@ -85,10 +99,13 @@ impl Volume {
             volume.scrub.running.store(false, Ordering::SeqCst);
             if let Some(s) = volume.scrub.status() {
                 tracing::info!(
-                    "scrub finished: {} stripes, {} mismatches, {} repaired, {} skipped{}",
+                    "scrub finished: {} stripes, {} blocks checked, {} checksum errors, {} mismatches, {} repaired, {} unrepairable, {} skipped{}",
                     s.stripes_done,
+                    s.blocks_checked,
+                    s.checksum_errors,
                     s.mismatches,
                     s.repaired,
+                    s.unrepairable,
                     s.skipped,
                     s.error.map(|e| format!(", stopped: {e}")).unwrap_or_default()
                 );
@@ -112,13 +129,17 @@ impl Volume {
                 return Err(VolumeError::Internal("daemon shutting down"));
             }
             let batch = batch_stripes.min(g.stripes - first);
-            let verdicts = {
+            let result = {
                 let _guards = self.locks.lock_all(first..first + batch).await;
                 self.scrub_batch(first, batch, repair).await?
             };
-            let Some(verdicts) = verdicts else { continue }; // a member failed: batch again
+            let Some(result) = result else { continue }; // a member failed: batch again
             self.scrub.update(|s| {
-                for v in &verdicts {
+                s.blocks_checked += result.blocks;
+                s.checksum_errors += result.healed.damaged;
+                s.repaired += result.healed.repaired;
+                s.unrepairable += result.healed.unrepairable;
+                for v in &result.verdicts {
                     match v {
                         Verdict::Consistent => {}
                         Verdict::Mismatch => {
@@ -158,7 +179,7 @@ impl Volume {
                 self.scrub_batch(s, batch, true).await
             };
             match verdicts {
-                Ok(Some(v)) => {
+                Ok(Some(BatchResult { verdicts: v, .. })) => {
                     repaired += v.iter().filter(|v| matches!(v, Verdict::Mismatch)).count() as u64;
                     skipped += v.iter().filter(|v| matches!(v, Verdict::Skipped)).count() as u64;
                 }
@@ -173,9 +194,10 @@ impl Volume {
         (repaired, skipped)
     }
 
-    /// Checks (and repairs) stripes [first, first + batch); `None` if a member failed on the
-    /// way and the batch must be done again. Caller holds the stripe locks.
-    async fn scrub_batch(&self, first: u64, batch: u64, repair: bool) -> Result<Option<Vec<Verdict>>, VolumeError> {
+    /// Checks (and repairs) stripes [first, first + batch): every block against its checksum,
+    /// then parity or mirrors of the stripes whose blocks all passed. `None` if a member failed
+    /// on the way and the batch must be done again. Caller holds the stripe locks.
+    async fn scrub_batch(&self, first: u64, batch: u64, repair: bool) -> Result<Option<BatchResult>, VolumeError> {
         let g = self.geometry;
         let n = g.members as usize;
         let chunk = g.chunk as usize;
@@ -187,19 +209,40 @@ impl Volume {
         let readable: Vec<Option<_>> = (0..n).map(|j| h.readable(j, last, &self.progress).cloned()).collect();
         let bufs: Vec<Arc<AlignedBuf>> = (0..n).map(|_| Arc::new(AlignedBuf::zeroed(len as usize))).collect();
         let reads = readable.iter().zip(&bufs).filter_map(|(m, b)| m.as_ref().map(|m| member_read(m, pos, b, 0, len)));
-        let faults = faults_of(reads.collect::<Vec<_>>()).await;
-        if !faults.is_empty() {
-            self.fail_all(faults).await;
+        let (damage, io): (Vec<Fault>, Vec<Fault>) = faults_of(reads.collect::<Vec<_>>()).await.into_iter().partition(|f| f.error.is_checksum());
+        if !io.is_empty() {
+            self.fail_all_io(io).await;
             return Ok(None);
         }
+        let mut result = BatchResult {
+            verdicts: Vec::with_capacity(batch as usize),
+            healed: Healed::default(),
+            blocks: readable.iter().flatten().count() as u64 * len / ALIGN as u64,
+        };
+        let damaged_stripes: BTreeSet<u64> = damage.iter().flat_map(damaged_positions).map(|p| (p - self.data_offset) / g.chunk).collect();
+        if repair {
+            result.healed = self.heal_damage(&damage).await?;
+        } else {
+            for f in &damage {
+                let found = damaged_positions(f).len() as u64;
+                f.member.note_checksum_errors(found);
+                result.healed.damaged += found;
+                tracing::warn!("scrub: {}: {found} block(s) fail their checksum", f.member.path().display());
+            }
+        }
         let mut bufs: Vec<AlignedBuf> = bufs.into_iter().map(reclaim).collect::<Result<_, _>>()?;
-        let mut verdicts = Vec::with_capacity(batch as usize);
         // Per slot, the byte ranges of this batch that repair rewrote.
         let mut rewrites: Vec<Vec<u64>> = vec![Vec::new(); n];
         for s in first..=last {
             let at = ((s - first) as usize) * chunk;
             if readable.iter().any(|m| m.is_none()) {
-                verdicts.push(Verdict::Skipped);
+                result.verdicts.push(Verdict::Skipped);
+                continue;
+            }
+            // Damaged stripes were healed from (or could not be checked against) the rest;
+            // raid0 has only the checksums.
+            if damaged_stripes.contains(&s) || g.level == Level::Raid0 {
+                result.verdicts.push(Verdict::Consistent);
                 continue;
             }
             let by_shard: Vec<usize> = (0..g.shards()).map(|shard| g.shard_member(s, shard) as usize).collect();
@@ -208,7 +251,7 @@ impl Volume {
                 self.codec.verify(&shards).map_err(|e| VolumeError::Codec(e.to_string()))?
             };
             if ok {
-                verdicts.push(Verdict::Consistent);
+                result.verdicts.push(Verdict::Consistent);
                 continue;
             }
             tracing::warn!("scrub: stripe {s} is inconsistent{}", if repair { "; repairing" } else { "" });
@@ -218,7 +261,7 @@ impl Volume {
                     rewrites[slot].push(s);
                 }
             }
-            verdicts.push(Verdict::Mismatch);
+            result.verdicts.push(Verdict::Mismatch);
         }
         if rewrites.iter().any(|r| !r.is_empty()) {
             // A crash during the repair writes must leave these stripes marked for resync.
@@ -237,10 +280,10 @@ impl Volume {
             }
             let faults = faults_of(writes).await;
             if !faults.is_empty() {
-                self.fail_all(faults).await;
+                self.fail_all_io(faults).await;
             }
         }
-        Ok(Some(verdicts))
+        Ok(Some(result))
     }
 
     /// Recomputes the redundant shards of one stripe in the batch buffers from its data shards.

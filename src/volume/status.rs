@@ -37,6 +37,14 @@ pub struct VolumeStatus {
     /// The running or last finished scrub since the daemon started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scrub: Option<ScrubStatus>,
+    /// Whether every block carries a checksum verified on each read.
+    #[serde(default)]
+    pub checksums: bool,
+    /// Blocks found damaged and blocks rewritten from redundancy, over every slot.
+    #[serde(default)]
+    pub checksum_errors: u64,
+    #[serde(default)]
+    pub repaired_blocks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,10 +55,20 @@ pub struct ScrubStatus {
     pub stripes_total: u64,
     /// Bytes read from members.
     pub bytes_checked: u64,
-    /// Stripes whose parity or mirror copies disagreed with the data.
+    /// Blocks (4 KiB, every member) verified against their checksums.
+    #[serde(default)]
+    pub blocks_checked: u64,
+    /// Blocks that failed their checksum.
+    #[serde(default)]
+    pub checksum_errors: u64,
+    /// Stripes whose parity or mirror copies disagreed with the data (their blocks all passing
+    /// their checksums).
     pub mismatches: u64,
-    /// Of those, stripes rewritten (`repair` only).
+    /// Damaged blocks rewritten plus inconsistent stripes rewritten (`repair` only).
     pub repaired: u64,
+    /// Damaged blocks that could not be rebuilt (too little redundancy left): reads of them get EIO.
+    #[serde(default)]
+    pub unrepairable: u64,
     /// Stripes not checked because a member holding part of them is lost.
     pub skipped: u64,
     pub started_unix: u64,
@@ -70,6 +88,11 @@ pub struct SlotStatus {
     pub writes: u64,
     pub read_errors: u64,
     pub write_errors: u64,
+    /// Blocks on this member that failed their checksum, and those rewritten from redundancy.
+    #[serde(default)]
+    pub checksum_errors: u64,
+    #[serde(default)]
+    pub repaired_blocks: u64,
     /// For `replacing`: the member being built to take over the slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replacement: Option<String>,

@@ -11,7 +11,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const MEMBER_SIZE: u64 = (1 << 20) + (2 << 20); // metadata + 2 MiB of data
+const MEMBER_SIZE: u64 = (2 << 20) + (2 << 20); // metadata and checksums + 2 MiB of data
 const CHUNK: u64 = 16 << 10;
 
 fn spec(dir: &std::path::Path, tag: &str, level: Level, n: usize, ec: Option<(u32, u32)>) -> CreateSpec {
@@ -23,6 +23,7 @@ fn spec(dir: &std::path::Path, tag: &str, level: Level, n: usize, ec: Option<(u3
         name: format!("t-{tag}"),
         members: (0..n).map(|i| dir.join(format!("{tag}-m{i}"))).collect(),
         force: false,
+        checksums: true,
     }
 }
 
@@ -100,16 +101,19 @@ async fn exercise(tag: &str, level: Level, n: usize, ec: Option<(u32, u32)>) {
     assert_eq!(report.inconsistent, 0, "{tag}: fresh volume has inconsistent stripes {:?}", report.first_inconsistent);
     drop(vol);
 
-    if level != Level::Raid0 {
-        // One flipped byte anywhere in a used chunk must be caught.
-        for (member, at) in [(0usize, 1u64 << 20), (n - 1, (1 << 20) + 5 * CHUNK + 777)] {
-            flip_byte(&spec.members[member], at);
-            let vol = assemble(&spec.members, &engine, Access::SharedReadOnly).await.unwrap();
-            let report = check(&vol).await.unwrap();
-            assert_eq!(report.inconsistent, 1, "{tag}: flipped byte at member {member} offset {at} not caught exactly once");
-            drop(vol);
-            flip_byte(&spec.members[member], at);
-        }
+    // One flipped byte anywhere in a used chunk must be caught, by its block's checksum, on
+    // every level (raid0 too).
+    let vol = assemble(&spec.members, &engine, Access::SharedReadOnly).await.unwrap();
+    let data_offset = vol.data_offset;
+    drop(vol);
+    for (member, at) in [(0usize, data_offset), (n - 1, data_offset + 5 * CHUNK + 777)] {
+        flip_byte(&spec.members[member], at);
+        let vol = assemble(&spec.members, &engine, Access::SharedReadOnly).await.unwrap();
+        let report = check(&vol).await.unwrap();
+        assert_eq!(report.checksum_errors, 1, "{tag}: flipped byte at member {member} offset {at} not caught exactly once");
+        assert_eq!(report.first_damaged, vec![(spec.members[member].clone(), at / 4096 * 4096)], "{tag}");
+        drop(vol);
+        flip_byte(&spec.members[member], at);
     }
 }
 

@@ -1,0 +1,193 @@
+//! The in-memory copy of a member's checksum table (format in `meta::checksums`) and the rules
+//! for keeping it true: a write updates the entries and completes the page write before the
+//! data write is issued; a read is judged against the entries.
+//!
+//! Pages are written with group commit: writers that update entries of one page while a write
+//! of it is in flight are all covered by the next single write of that page.
+
+use crate::meta::checksums::{self as fmt, Entry, Verdict, BLOCK, ENTRIES_PER_PAGE, PAGE};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Where a member's table and data area are, and whose volume it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChecksumLayout {
+    pub volume_uuid: [u8; 16],
+    pub table_offset: u64,
+    pub data_offset: u64,
+    pub data_bytes: u64,
+}
+
+impl ChecksumLayout {
+    pub fn blocks(&self) -> u64 {
+        self.data_bytes.div_ceil(BLOCK)
+    }
+
+    pub fn pages(&self) -> u64 {
+        fmt::pages_for(self.data_bytes)
+    }
+
+    /// Member offset of copy `copy` of page `page`.
+    pub fn page_pos(&self, page: u64, copy: u32) -> u64 {
+        self.table_offset + fmt::page_offset(page, copy)
+    }
+}
+
+struct PageDisk {
+    /// Generation of the newest copy on disk; the next write goes to the other copy.
+    generation: u32,
+    /// The `updated` count the on-disk page includes.
+    persisted: u64,
+}
+
+struct PageSlot {
+    /// Bumped on every change of one of the page's entries.
+    updated: AtomicU64,
+    disk: tokio::sync::Mutex<PageDisk>,
+}
+
+pub(super) struct ChecksumTable {
+    pub layout: ChecksumLayout,
+    entries: Mutex<Vec<Entry>>,
+    pages: Vec<PageSlot>,
+    /// Right after a crash: a block holding its `previous` data is accepted (and the entry
+    /// settled to it), since its write may have been cut off. Never while serving.
+    recovering: AtomicBool,
+}
+
+/// A page write a writer must see completed before its data write: page `page` up to `want`.
+pub(super) struct PagePersist {
+    pub page: u64,
+    pub want: u64,
+}
+
+impl ChecksumTable {
+    /// A table with `entries` (one per block) and, per page, the generation of its newest copy.
+    pub fn new(layout: ChecksumLayout, entries: Vec<Entry>, generations: Vec<u32>) -> ChecksumTable {
+        let pages = generations.into_iter().map(|g| PageSlot { updated: AtomicU64::new(0), disk: tokio::sync::Mutex::new(PageDisk { generation: g, persisted: 0 }) });
+        ChecksumTable { layout, entries: Mutex::new(entries), pages: pages.collect(), recovering: AtomicBool::new(false) }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_recovering(&self, on: bool) {
+        self.recovering.store(on, Ordering::SeqCst);
+    }
+
+    /// The blocks [first, first + count) that `len` bytes at member offset `pos` cover, if the
+    /// range lies in the data area; `Err` if it does but is not block-aligned.
+    pub fn blocks_of(&self, pos: u64, len: usize) -> Option<Result<(u64, u64), ()>> {
+        let l = &self.layout;
+        if pos < l.data_offset || pos >= l.data_offset + l.blocks() * BLOCK {
+            return None;
+        }
+        let rel = pos - l.data_offset;
+        if !rel.is_multiple_of(BLOCK) || !(len as u64).is_multiple_of(BLOCK) || rel / BLOCK + len as u64 / BLOCK > l.blocks() {
+            return Some(Err(()));
+        }
+        Some(Ok((rel / BLOCK, len as u64 / BLOCK)))
+    }
+
+    /// Records that blocks from `first` now hold data with `crcs`; returns the page writes that
+    /// must complete before the data write is issued.
+    pub fn record(&self, first: u64, crcs: &[u32]) -> Vec<PagePersist> {
+        let mut out: Vec<PagePersist> = Vec::new();
+        let mut entries = self.entries();
+        for (i, &crc) in crcs.iter().enumerate() {
+            let b = first + i as u64;
+            let e = &mut entries[b as usize];
+            // A block of unknown content has no previous version worth accepting.
+            let previous = if *e == fmt::UNKNOWN { crc } else { e.current };
+            *e = Entry { current: crc, previous };
+            let page = b / ENTRIES_PER_PAGE;
+            if out.last().is_none_or(|p| p.page != page) {
+                out.push(PagePersist { page, want: 0 });
+            }
+        }
+        for p in &mut out {
+            p.want = self.pages[p.page as usize].updated.fetch_add(1, Ordering::AcqRel) + 1;
+        }
+        out
+    }
+
+    /// Judges the blocks from `first` held in `bytes`; returns the indexes (relative to `first`)
+    /// of those that are damaged or of unknown content. While recovering, a block holding its
+    /// previous data settles its entry to it (persisted by [`ChecksumTable::settled_pages`]).
+    pub fn judge(&self, first: u64, bytes: &[u8]) -> Vec<u64> {
+        let crcs: Vec<u32> = bytes.chunks(BLOCK as usize).map(fmt::block_crc).collect();
+        let recovering = self.recovering.load(Ordering::Relaxed);
+        let mut bad = Vec::new();
+        let mut settled_pages = Vec::new();
+        {
+            let mut entries = self.entries();
+            for (i, &crc) in crcs.iter().enumerate() {
+                let e = &mut entries[(first + i as u64) as usize];
+                match e.judge(crc) {
+                    Verdict::Current => {}
+                    Verdict::Previous if recovering => {
+                        *e = Entry { current: crc, previous: crc };
+                        settled_pages.push((first + i as u64) / ENTRIES_PER_PAGE);
+                    }
+                    Verdict::Previous | Verdict::Bad | Verdict::Unknown => bad.push(i as u64),
+                }
+            }
+        }
+        settled_pages.dedup();
+        for p in settled_pages {
+            self.pages[p as usize].updated.fetch_add(1, Ordering::AcqRel);
+        }
+        bad
+    }
+
+    /// Whether the entry of `block` accepts `crc` as its content (an unknown entry accepts any).
+    pub fn accepts(&self, block: u64, crc: u32) -> bool {
+        let e = self.entries()[block as usize];
+        match e.judge(crc) {
+            Verdict::Current | Verdict::Unknown => true,
+            Verdict::Previous => self.recovering.load(Ordering::Relaxed),
+            Verdict::Bad => false,
+        }
+    }
+
+    /// Pages changed since last written (e.g. settled during recovery).
+    pub fn unpersisted_pages(&self) -> Vec<PagePersist> {
+        let mut out = Vec::new();
+        for (i, p) in self.pages.iter().enumerate() {
+            let want = p.updated.load(Ordering::Acquire);
+            if let Ok(d) = p.disk.try_lock() {
+                if d.persisted >= want {
+                    continue;
+                }
+            }
+            out.push(PagePersist { page: i as u64, want });
+        }
+        out
+    }
+
+    /// Makes the page on disk cover update `p.want`, writing it (through `write(pos, bytes)`)
+    /// unless a write since has already covered it. Writes of one page are serialized.
+    pub async fn persist<F, Fut, E>(&self, p: &PagePersist, write: F) -> Result<(), E>
+    where
+        F: FnOnce(u64, Vec<u8>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        let slot = &self.pages[p.page as usize];
+        let mut disk = slot.disk.lock().await;
+        if disk.persisted >= p.want {
+            return Ok(());
+        }
+        let updated = slot.updated.load(Ordering::Acquire);
+        let start = (p.page * ENTRIES_PER_PAGE) as usize;
+        let end = ((p.page + 1) * ENTRIES_PER_PAGE).min(self.layout.blocks()) as usize;
+        let snapshot: Vec<Entry> = self.entries()[start..end].to_vec();
+        let generation = disk.generation.wrapping_add(1);
+        let mut bytes = vec![0u8; PAGE];
+        fmt::encode_page(&mut bytes, &self.layout.volume_uuid, p.page, generation, &snapshot);
+        write(self.layout.page_pos(p.page, generation % 2), bytes).await?;
+        disk.generation = generation;
+        disk.persisted = updated;
+        Ok(())
+    }
+}
