@@ -472,7 +472,6 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::checksums as csum_fmt;
 use crate::meta::superblock::{SlotState, METADATA_RESERVED};
 
     fn sb(event: u64) -> Superblock {

@@ -85,7 +85,7 @@ impl Volume {
         let present: Vec<bool> = members.iter().map(Option::is_some).collect();
         let count = present.iter().filter(|&&p| p).count();
         let redundant = self.geometry.level != Level::Raid0;
-        if redundant && count <= k && count < n && !self.checksums.is_some() {
+        if redundant && count <= k && count < n && self.checksums.is_none() {
             return Ok((None, Vec::new()));
         }
         let buf = Arc::new(AlignedBuf::zeroed(n * chunk));

@@ -189,7 +189,7 @@ impl Volume {
         self.fail_all_io(io).await;
         let healed = self.heal_damage(&damage).await?;
         if healed.unrepairable > 0 {
-            let stripe = damage.iter().flat_map(|f| damaged_positions(f)).next().map(|p| (p - self.data_offset) / self.geometry.chunk).unwrap_or(0);
+            let stripe = damage.iter().flat_map(damaged_positions).next().map(|p| (p - self.data_offset) / self.geometry.chunk).unwrap_or(0);
             return Err(VolumeError::Corrupt { stripe });
         }
         Ok(healed)
@@ -199,7 +199,7 @@ impl Volume {
     pub(super) async fn heal_damage(&self, damage: &[Fault]) -> Result<Healed, VolumeError> {
         let mut blocks: Vec<(u64, u64)> = damage
             .iter()
-            .flat_map(|f| damaged_positions(f))
+            .flat_map(damaged_positions)
             .map(|p| {
                 let rel = p - self.data_offset;
                 (rel / self.geometry.chunk, rel % self.geometry.chunk)
