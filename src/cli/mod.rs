@@ -174,7 +174,16 @@ enum OnOff {
 
 async fn create(args: CreateArgs) -> Result<i32, String> {
     let (level, ec) = level_shape(args.level, args.data, args.parity, args.members.len())?;
-    let spec = CreateSpec { level, ec, chunk: args.chunk, member_size: args.size, name: args.name, members: args.members, force: args.force, checksums: args.checksums == OnOff::On };
+    let spec = CreateSpec {
+        level,
+        ec,
+        chunk: args.chunk,
+        member_size: args.size,
+        name: args.name,
+        members: args.members,
+        force: args.force,
+        checksums: args.checksums == OnOff::On,
+    };
     let created = volume::create(&spec, &engine()?).await.map_err(|e| e.to_string())?;
     let g = created.geometry;
     println!(

@@ -64,7 +64,8 @@ pub(super) struct PagePersist {
 impl ChecksumTable {
     /// A table with `entries` (one per block) and, per page, the generation of its newest copy.
     pub fn new(layout: ChecksumLayout, entries: Vec<Entry>, generations: Vec<u32>) -> ChecksumTable {
-        let pages = generations.into_iter().map(|g| PageSlot { updated: AtomicU64::new(0), disk: tokio::sync::Mutex::new(PageDisk { generation: g, persisted: 0 }) });
+        let pages =
+            generations.into_iter().map(|g| PageSlot { updated: AtomicU64::new(0), disk: tokio::sync::Mutex::new(PageDisk { generation: g, persisted: 0 }) });
         ChecksumTable { layout, entries: Mutex::new(entries), pages: pages.collect(), recovering: AtomicBool::new(false) }
     }
 

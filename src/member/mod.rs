@@ -472,7 +472,7 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-use crate::meta::superblock::{SlotState, METADATA_RESERVED};
+    use crate::meta::superblock::{SlotState, METADATA_RESERVED};
 
     fn sb(event: u64) -> Superblock {
         Superblock {
@@ -497,6 +497,8 @@ use crate::meta::superblock::{SlotState, METADATA_RESERVED};
             spare: false,
             replacement: false,
             checksum_offset: 0,
+            ppl_offset: 0,
+            ppl_slots: 0,
         }
     }
 

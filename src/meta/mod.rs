@@ -2,6 +2,7 @@
 
 pub mod bitmap;
 pub mod checksums;
+pub mod ppl;
 pub mod superblock;
 
 pub use superblock::{SlotState, Superblock, SuperblockError};

@@ -28,6 +28,8 @@
 //! | 1344 | 1024 | per slot, u64: id of the member that holds the slot (see [`member_id`]) |
 //! | 2368 | 1024 | per slot, u64: id of the replacement being built for the slot, or 0 |
 //! | 3392 | 8 | checksum table offset (see `meta::checksums`), 0 when the volume keeps no block checksums |
+//! | 3400 | 8 | partial-parity log offset (see `meta::ppl`), 0 for levels without parity |
+//! | 3408 | 4 | partial-parity log slots |
 //! | 4092 | 4 | crc32c of bytes 0..4092 |
 //!
 //! Two copies live at [`SUPERBLOCK_OFFSETS`]; a new superblock is written to the copy selected by
@@ -112,6 +114,9 @@ pub struct Superblock {
     pub replacement: bool,
     /// Where the per-block checksum table starts; 0 when the volume keeps none.
     pub checksum_offset: u64,
+    /// Where the partial-parity log ring starts, and its slots; 0 for levels without parity.
+    pub ppl_offset: u64,
+    pub ppl_slots: u32,
 }
 
 const FLAG_SPARE: u32 = 1;
@@ -121,6 +126,9 @@ const CHECKPOINTS_OFFSET: usize = 320;
 const SLOT_IDS_OFFSET: usize = 1344;
 const REPLACEMENT_IDS_OFFSET: usize = 2368;
 const CHECKSUM_OFFSET_AT: usize = 3392;
+const PPL_OFFSET_AT: usize = 3400;
+const PPL_SLOTS_AT: usize = 3408;
+const MAX_PPL_SLOTS: u32 = 1024;
 
 /// A member's short identity: the first 8 bytes of its member UUID.
 pub fn member_id(uuid: &[u8; 16]) -> u64 {
@@ -186,6 +194,8 @@ impl Superblock {
             }
         }
         b[CHECKSUM_OFFSET_AT..CHECKSUM_OFFSET_AT + 8].copy_from_slice(&self.checksum_offset.to_le_bytes());
+        b[PPL_OFFSET_AT..PPL_OFFSET_AT + 8].copy_from_slice(&self.ppl_offset.to_le_bytes());
+        b[PPL_SLOTS_AT..PPL_SLOTS_AT + 4].copy_from_slice(&self.ppl_slots.to_le_bytes());
         let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
         b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -239,6 +249,18 @@ impl Superblock {
                 return Err(SuperblockError::Malformed("checksum table overlaps other metadata or the data area"));
             }
         }
+        let (ppl_offset, ppl_slots) = (u64_at(b, PPL_OFFSET_AT), u32_at(b, PPL_SLOTS_AT));
+        if ppl_offset != 0 {
+            let ring_end = super::ppl::slot_bytes(u64_at(b, 80)).checked_mul(ppl_slots as u64).and_then(|r| r.checked_add(ppl_offset));
+            if ppl_slots == 0
+                || ppl_slots > MAX_PPL_SLOTS
+                || ppl_offset < SUPERBLOCK_OFFSETS[1] + SUPERBLOCK_SIZE as u64
+                || !ppl_offset.is_multiple_of(SUPERBLOCK_SIZE as u64)
+                || ring_end.is_none_or(|end| end > data_offset)
+            {
+                return Err(SuperblockError::Malformed("partial-parity log overlaps other metadata or the data area"));
+            }
+        }
         let name_len = u32_at(b, 120) as usize;
         if name_len > MAX_NAME_LEN {
             return Err(SuperblockError::Malformed("name too long"));
@@ -271,6 +293,8 @@ impl Superblock {
             spare: flags & FLAG_SPARE != 0,
             replacement: flags & FLAG_REPLACEMENT != 0,
             checksum_offset,
+            ppl_offset,
+            ppl_slots,
         })
     }
 
@@ -300,6 +324,8 @@ impl Superblock {
             && self.member_data_bytes == other.member_data_bytes
             && self.volume_size == other.volume_size
             && self.checksum_offset == other.checksum_offset
+            && self.ppl_offset == other.ppl_offset
+            && self.ppl_slots == other.ppl_slots
     }
 }
 
@@ -358,6 +384,8 @@ mod tests {
             spare: false,
             replacement: true,
             checksum_offset: 1 << 20,
+            ppl_offset: METADATA_RESERVED + (4 << 20),
+            ppl_slots: 32,
         }
     }
 

@@ -187,6 +187,15 @@ impl Volume {
         }
         // A new identity: whatever this disk held before, it is not what the volume has recorded.
         member.assign_uuid(crate::meta::superblock::random_uuid().map_err(|e| AdminError::Refused(format!("random UUID: {e}")))?);
+        // Whatever checksum pages and log records the disk holds from an earlier life (even in
+        // this very volume) must not outrank what is written from now on.
+        let meta_start = crate::meta::superblock::METADATA_RESERVED;
+        let mut at = meta_start;
+        while at < self.data_offset {
+            let len = (self.data_offset - at).min(8 << 20);
+            member.write_at(at, crate::uring::BufRange::whole(Arc::new(crate::buf::AlignedBuf::zeroed(len as usize)))).await?;
+            at += len;
+        }
         if let Some(layout) = self.checksums {
             member.fresh_checksums(layout);
         }

@@ -181,6 +181,8 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         data_offset: reference.data_offset,
         data_bytes: reference.member_data_bytes,
     });
+    let ppl = (reference.ppl_offset != 0)
+        .then(|| super::ppl::PartialParityLog::new(reference.ppl_offset, reference.ppl_slots, geometry.chunk, geometry.members as usize));
     let volume = Volume {
         name: reference.name.clone(),
         uuid: reference.volume_uuid,
@@ -196,6 +198,7 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         intent: super::intent::Intent::new(geometry.stripes, geometry.chunk),
         engine: engine.clone(),
         checksums,
+        ppl,
     };
     Ok((volume, changed))
 }

@@ -3,8 +3,8 @@
 use crate::buf::AlignedBuf;
 use crate::layout::{Geometry, LayoutError, Level};
 use crate::member::{Access, Member, MemberError};
-use crate::meta::{bitmap, checksums};
 use crate::meta::superblock::{member_id, random_uuid, uuid_string, SlotState, Superblock, SuperblockError, MAX_NAME_LEN, METADATA_RESERVED};
+use crate::meta::{bitmap, checksums, ppl};
 use crate::uring::BufRange;
 use crate::uring::Engine;
 use futures::future::join_all;
@@ -96,7 +96,7 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
         }
     }
     let usable = opened.iter().map(|m| spec.member_size.map_or(m.size(), |s| s.min(m.size()))).min().unwrap_or(0);
-    let (geometry, checksum_offset, data_offset) = data_area(spec, usable)?;
+    let Areas { geometry, checksum_offset, ppl_offset, ppl_slots, data_offset } = data_area(spec, usable)?;
 
     // Parity must match the data from the first read on: start from all zeros, whose parity
     // (XOR and Reed-Solomon alike) is zeros. Fresh sparse files already are.
@@ -130,6 +130,8 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
         spare: false,
         replacement: false,
         checksum_offset,
+        ppl_offset,
+        ppl_slots,
     };
     // A clean write-intent bitmap on every member, so the first start resyncs nothing.
     let (region_stripes, regions) = super::intent::intent_geometry(geometry.stripes, geometry.chunk);
@@ -160,25 +162,42 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
     Ok(Created { superblock: template, geometry })
 }
 
-/// The geometry and where the checksum table (0: none) and the data area start. The table sits
-/// right after the reserved metadata; the data area after it, on a 1 MiB boundary.
-fn data_area(spec: &CreateSpec, usable: u64) -> Result<(Geometry, u64, u64), CreateError> {
+/// Where a new volume's areas go on every member.
+struct Areas {
+    geometry: Geometry,
+    /// 0: no checksums / no partial-parity log.
+    checksum_offset: u64,
+    ppl_offset: u64,
+    ppl_slots: u32,
+    data_offset: u64,
+}
+
+/// Lays out the metadata after the reserved first MiB: the checksum table, then (parity levels)
+/// the partial-parity log ring, then the data area on a 1 MiB boundary.
+fn data_area(spec: &CreateSpec, usable: u64) -> Result<Areas, CreateError> {
     let n = spec.members.len() as u32;
     let mut geometry = Geometry::new(spec.level, n, spec.ec, spec.chunk, usable - METADATA_RESERVED)?;
-    if !spec.checksums {
-        return Ok((geometry, 0, METADATA_RESERVED));
-    }
+    let logged = matches!(spec.level, Level::Raid5 | Level::Ec);
+    let ppl_slots = if logged { ppl::slots_for(spec.chunk) } else { 0 };
+    let ring = if logged { ppl::ring_bytes(spec.chunk, ppl_slots) } else { 0 };
     // The table shrinks the data area, which shrinks the table: settle in a few rounds.
-    let mut data_offset = METADATA_RESERVED;
+    let mut areas = Areas { geometry, checksum_offset: 0, ppl_offset: 0, ppl_slots, data_offset: METADATA_RESERVED };
     for _ in 0..4 {
-        let table = checksums::table_bytes(geometry.stripes * geometry.chunk);
-        data_offset = METADATA_RESERVED + table.div_ceil(1 << 20) * (1 << 20);
+        let table = if spec.checksums { checksums::table_bytes(geometry.stripes * geometry.chunk) } else { 0 };
+        let data_offset = METADATA_RESERVED + (table + ring).div_ceil(1 << 20) * (1 << 20);
         if usable < data_offset + spec.chunk {
             return Err(CreateError::TooSmall { path: spec.members[0].clone(), size: usable, need: data_offset + spec.chunk });
         }
         geometry = Geometry::new(spec.level, n, spec.ec, spec.chunk, usable - data_offset)?;
+        areas = Areas {
+            geometry,
+            checksum_offset: if spec.checksums { METADATA_RESERVED } else { 0 },
+            ppl_offset: if logged { METADATA_RESERVED + table } else { 0 },
+            ppl_slots,
+            data_offset,
+        };
     }
-    Ok((geometry, METADATA_RESERVED, data_offset))
+    Ok(areas)
 }
 
 /// Writes every page of a fresh table, copy 0, saying every block holds zeros (which `create`

@@ -164,7 +164,8 @@ impl Volume {
         if present.iter().filter(|&&p| p).count() < g.data_shards as usize {
             return Ok(Vec::new());
         }
-        let mut row_bufs: Vec<Vec<u8>> = (0..shards).map(|shard| if present[shard] { bufs[slot_of(shard)][at..at + ALIGN].to_vec() } else { vec![0; ALIGN] }).collect();
+        let mut row_bufs: Vec<Vec<u8>> =
+            (0..shards).map(|shard| if present[shard] { bufs[slot_of(shard)][at..at + ALIGN].to_vec() } else { vec![0; ALIGN] }).collect();
         {
             let mut slices: Vec<&mut [u8]> = row_bufs.iter_mut().map(|b| &mut b[..]).collect();
             self.codec.reconstruct(&mut slices, &present).map_err(|e| VolumeError::Codec(e.to_string()))?;

@@ -241,6 +241,8 @@ impl Volume {
     pub(super) async fn resync_dirty(&self) {
         // Read the on-disk bits before mapping writes the (clean) in-memory bits over them.
         let h = self.health();
+        // Read at every start, not only after a crash: new records must number above old ones.
+        let records = self.read_partial_parity_log(&h).await;
         let dirty: Vec<u64> = match self.dirty_regions_on_disk(&h) {
             Some(d) => d.into_iter().collect(),
             None => {
@@ -271,7 +273,7 @@ impl Volume {
         for &r in &dirty {
             let first = r * self.intent.region_stripes;
             let last = (first + self.intent.region_stripes).min(self.geometry.stripes);
-            let (rep, skip) = self.resync_range(first, last).await;
+            let (rep, skip) = self.resync_range(first, last, &records).await;
             repaired += rep;
             skipped += skip;
         }

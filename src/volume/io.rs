@@ -77,8 +77,9 @@ fn fill_region(buf: &Arc<AlignedBuf>, off: usize, data: &[u8]) {
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.as_ptr_mut_shared().add(off), data.len()) }
 }
 
-/// New parity for a partial-stripe write, or the reads that failed on the way to it.
-type ParityOutcome = Result<Result<Arc<AlignedBuf>, Vec<Fault>>, VolumeError>;
+/// New parity for a partial-stripe write with its partial parity (see `meta::ppl`), or the
+/// reads that failed on the way to it.
+type ParityOutcome = Result<Result<(Arc<AlignedBuf>, Vec<u8>), Vec<Fault>>, VolumeError>;
 
 /// Copies the write's pieces into a buffer holding the slab [lo, lo + slab) of every shard,
 /// shard after shard.
@@ -326,7 +327,7 @@ impl Volume {
         }
     }
 
-    fn targets(&self, h: &Health, stripe: u64, shard: u32) -> Vec<Arc<Member>> {
+    pub(super) fn targets(&self, h: &Health, stripe: u64, shard: u32) -> Vec<Arc<Member>> {
         h.targets(self.slot_of_shard(stripe, shard), stripe, &self.progress)
     }
 
@@ -368,6 +369,10 @@ impl Volume {
             let pos = self.member_pos(s, 0);
             let mut writes: Vec<_> = ext.pieces.iter().map(|p| (p.shard, pos, buf, p.buf_offset, chunk)).collect();
             writes.extend((0..m).map(|j| (k + j, pos, &parity, j as u64 * chunk, chunk)));
+            let _logged = match self.log_stripe_write(h, ext, 0, None).await {
+                Ok(slot) => slot,
+                Err(f) => return Ok(Attempt::ReadFailed(vec![f])),
+            };
             return Ok(Attempt::Written(self.write_shards(h, s, writes).await));
         }
         let lo = ext.pieces.iter().map(|p| p.chunk_offset).min().unwrap_or(0);
@@ -387,17 +392,33 @@ impl Volume {
         } else {
             self.degraded_write_parity(h, ext, buf, lo, slab).await?
         };
-        let parity = match parity {
+        let (parity, partial_parity) = match parity {
             Ok(p) => p,
             Err(faults) => return Ok(Attempt::ReadFailed(faults)),
+        };
+        // The record must be on disk before any shard of the stripe is written.
+        let _logged = match self.log_stripe_write(h, ext, lo, Some(&partial_parity)).await {
+            Ok(slot) => slot,
+            Err(f) => return Ok(Attempt::ReadFailed(vec![f])),
         };
         let mut writes: Vec<_> = ext.pieces.iter().map(|p| (p.shard, self.member_pos(s, p.chunk_offset), buf, p.buf_offset, p.len)).collect();
         writes.extend((0..m).map(|j| (k + j, self.member_pos(s, lo), &parity, j as u64 * slab, slab)));
         Ok(Attempt::Written(self.write_shards(h, s, writes).await))
     }
 
+    /// The first parity row of the stripe's current data slabs (`data`, k slabs of `slab`
+    /// bytes from row `lo`) with the write's pieces taken as zeros.
+    fn partial_parity(&self, mut data: Vec<u8>, ext: &StripeExtent, lo: u64, slab: u64) -> Result<Vec<u8>, VolumeError> {
+        for p in &ext.pieces {
+            let at = (p.shard as u64 * slab + p.chunk_offset - lo) as usize;
+            data[at..at + p.len as usize].fill(0);
+        }
+        let parity = self.encode_parity(data.chunks(slab as usize).collect(), slab as usize)?;
+        Ok(parity[..slab as usize].to_vec())
+    }
+
     /// Computes the m parity slabs of `slab` bytes from k data slabs.
-    fn encode_parity(&self, data: Vec<&[u8]>, slab: usize) -> Result<Arc<AlignedBuf>, VolumeError> {
+    pub(super) fn encode_parity(&self, data: Vec<&[u8]>, slab: usize) -> Result<Arc<AlignedBuf>, VolumeError> {
         let mut parity = AlignedBuf::zeroed(self.geometry.parity_shards as usize * slab);
         let mut slabs: Vec<&mut [u8]> = parity.chunks_mut(slab).collect();
         self.codec.encode(&data, &mut slabs).map_err(|e| VolumeError::Codec(e.to_string()))?;
@@ -428,8 +449,9 @@ impl Volume {
             return Ok(Err(faults));
         }
         let mut stripe = reclaim(stripe)?;
+        let partial_parity = self.partial_parity(stripe.to_vec(), ext, lo, slab)?;
         overlay_pieces(&mut stripe, ext, buf, lo, slab);
-        Ok(Ok(self.encode_parity(stripe.chunks(slab as usize).collect(), slab as usize)?))
+        Ok(Ok((self.encode_parity(stripe.chunks(slab as usize).collect(), slab as usize)?, partial_parity)))
     }
 
     /// Reads the old bytes under each piece and the parity slab, then folds the difference
@@ -450,6 +472,16 @@ impl Volume {
             return Ok(Err(faults));
         }
         let (mut old, mut parity) = (reclaim(old)?, reclaim(parity)?);
+        // Partial parity: the old parity with the old data of every piece taken out of it.
+        let mut partial = parity.to_vec();
+        for p in &ext.pieces {
+            let at = (p.chunk_offset - lo) as usize;
+            let mut slabs: Vec<&mut [u8]> = partial.chunks_mut(slab as usize).map(|c| &mut c[at..][..p.len as usize]).collect();
+            self.codec
+                .update_parity(p.shard as usize, &old[(p.buf_offset - first) as usize..][..p.len as usize], &mut slabs)
+                .map_err(|e| VolumeError::Codec(e.to_string()))?;
+        }
+        partial.truncate(slab as usize);
         for p in &ext.pieces {
             let delta = &mut old[(p.buf_offset - first) as usize..][..p.len as usize];
             crate::codec::xor_into(delta, &buf[p.buf_offset as usize..][..p.len as usize]);
@@ -457,7 +489,7 @@ impl Volume {
             let mut slabs: Vec<&mut [u8]> = parity.chunks_mut(slab as usize).map(|c| &mut c[at..][..p.len as usize]).collect();
             self.codec.update_parity(p.shard as usize, delta, &mut slabs).map_err(|e| VolumeError::Codec(e.to_string()))?;
         }
-        Ok(Ok(Arc::new(parity)))
+        Ok(Ok((Arc::new(parity), partial)))
     }
 
     /// Some shard of the stripe is unreadable: read the slab from any k readable shards,
@@ -482,8 +514,9 @@ impl Volume {
             let mut slices: Vec<&mut [u8]> = shards.chunks_mut(slab as usize).collect();
             self.codec.reconstruct(&mut slices, &present).map_err(|e| VolumeError::Codec(e.to_string()))?;
         }
+        let partial_parity = self.partial_parity(shards[..k * slab as usize].to_vec(), ext, lo, slab)?;
         overlay_pieces(&mut shards, ext, buf, lo, slab);
-        Ok(Ok(self.encode_parity(shards[..k * slab as usize].chunks(slab as usize).collect(), slab as usize)?))
+        Ok(Ok((self.encode_parity(shards[..k * slab as usize].chunks(slab as usize).collect(), slab as usize)?, partial_parity)))
     }
 
     /// Writes zeros over [offset, offset + len).

@@ -16,6 +16,7 @@ mod health;
 mod intent;
 mod io;
 mod locks;
+mod ppl;
 mod rebuild;
 mod scrub;
 pub mod status;
@@ -74,6 +75,8 @@ pub struct Volume {
     engine: Arc<crate::uring::Engine>,
     /// Where the per-block checksums live on every member; `None` for a volume created without.
     checksums: Option<crate::member::ChecksumLayout>,
+    /// The partial-parity log (parity levels).
+    ppl: Option<ppl::PartialParityLog>,
 }
 
 impl Volume {

@@ -13,8 +13,8 @@ use super::io::{faults_of, member_read, member_write, reclaim, Fault};
 use super::status::ScrubStatus;
 use super::{Volume, VolumeError};
 use crate::buf::{AlignedBuf, ALIGN};
-use std::collections::BTreeSet;
 use crate::layout::Level;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -166,22 +166,32 @@ impl Volume {
         Ok(())
     }
 
-    /// Resync after a crash: makes stripes [first, end) consistent. Returns (stripes repaired,
-    /// stripes that could not be checked).
-    pub(super) async fn resync_range(&self, first: u64, end: u64) -> (u64, u64) {
+    /// Resync after a crash: makes stripes [first, end) consistent; a stripe with a lost shard
+    /// is made consistent from the partial-parity log `records`. Returns (stripes repaired,
+    /// stripes that could not be made whole).
+    pub(super) async fn resync_range(&self, first: u64, end: u64, records: &super::ppl::Records) -> (u64, u64) {
         let batch_stripes = (BATCH_BYTES / self.geometry.chunk).max(1);
         let (mut repaired, mut skipped) = (0, 0);
         let mut s = first;
         while s < end {
             let batch = batch_stripes.min(end - s);
-            let verdicts = {
-                let _guards = self.locks.lock_all(s..s + batch).await;
-                self.scrub_batch(s, batch, true).await
-            };
-            match verdicts {
+            let _guards = self.locks.lock_all(s..s + batch).await;
+            match self.scrub_batch(s, batch, true).await {
                 Ok(Some(BatchResult { verdicts: v, .. })) => {
                     repaired += v.iter().filter(|v| matches!(v, Verdict::Mismatch)).count() as u64;
-                    skipped += v.iter().filter(|v| matches!(v, Verdict::Skipped)).count() as u64;
+                    for (i, v) in v.iter().enumerate() {
+                        if !matches!(v, Verdict::Skipped) {
+                            continue;
+                        }
+                        match self.recover_stripe(s + i as u64, records).await {
+                            Ok(true) => {}
+                            Ok(false) => skipped += 1,
+                            Err(e) => {
+                                tracing::error!("resync of stripe {}: {e}", s + i as u64);
+                                skipped += 1;
+                            }
+                        }
+                    }
                 }
                 Ok(None) => continue, // a member failed: this batch again, with what is left
                 Err(e) => {

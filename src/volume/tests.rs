@@ -11,7 +11,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const MEMBER_SIZE: u64 = (2 << 20) + (2 << 20); // metadata and checksums + 2 MiB of data
+const MEMBER_SIZE: u64 = (3 << 20) + (2 << 20); // metadata, checksums and log + 2 MiB of data
 const CHUNK: u64 = 16 << 10;
 
 fn spec(dir: &std::path::Path, tag: &str, level: Level, n: usize, ec: Option<(u32, u32)>) -> CreateSpec {

@@ -1,0 +1,258 @@
+//! The partial-parity log in use (format and reasoning in `meta::ppl`): writing a record
+//! before each parity-level stripe write, and, after a crash that also lost a member, rebuilding
+//! that member's untouched data from the records so the stripe can be made consistent.
+
+use super::health::Health;
+use super::io::{faults_of, member_read, member_write, reclaim, Fault};
+use super::{Volume, VolumeError};
+use crate::buf::AlignedBuf;
+use crate::layout::StripeExtent;
+use crate::meta::ppl::{self as fmt, LoggedPiece, Record};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Where the ring is on every member, and each slot's place in its ring.
+pub(super) struct PartialParityLog {
+    offset: u64,
+    slots: u32,
+    slot_bytes: u64,
+    /// Volume-wide record sequence: the next record's number.
+    seq: AtomicU64,
+    /// Per volume slot (member position): its ring.
+    rings: Vec<Ring>,
+}
+
+struct Ring {
+    state: Mutex<RingState>,
+    freed: tokio::sync::Notify,
+}
+
+struct RingState {
+    /// Position of the next record; the ring slot is `next % slots`.
+    next: u64,
+    /// Ring slots whose write has not completed: not to be overwritten yet.
+    busy: Vec<bool>,
+}
+
+/// Keeps a ring slot's record alive until the stripe write it covers has completed.
+pub(super) struct LogSlot<'a> {
+    log: &'a PartialParityLog,
+    ring: usize,
+    slot: usize,
+}
+
+impl Drop for LogSlot<'_> {
+    fn drop(&mut self) {
+        let r = &self.log.rings[self.ring];
+        r.state.lock().unwrap_or_else(|p| p.into_inner()).busy[self.slot] = false;
+        r.freed.notify_waiters();
+    }
+}
+
+/// The newest valid record of each stripe found in the rings, with its partial parity.
+pub(super) type Records = HashMap<u64, (Record, Vec<u8>)>;
+
+impl PartialParityLog {
+    pub fn new(offset: u64, slots: u32, chunk: u64, members: usize) -> PartialParityLog {
+        let rings = (0..members)
+            .map(|_| Ring { state: Mutex::new(RingState { next: 0, busy: vec![false; slots as usize] }), freed: tokio::sync::Notify::new() })
+            .collect();
+        PartialParityLog { offset, slots, slot_bytes: fmt::slot_bytes(chunk), seq: AtomicU64::new(1), rings }
+    }
+
+    /// Takes the next slot of `ring`, strictly in order (so records are overwritten oldest
+    /// first), waiting while it still covers a write in flight. Returns it with the record's
+    /// sequence number.
+    async fn acquire(&self, ring: usize) -> (LogSlot<'_>, u64) {
+        let r = &self.rings[ring];
+        loop {
+            let freed = r.freed.notified();
+            {
+                let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+                let slot = (st.next % self.slots as u64) as usize;
+                if !st.busy[slot] {
+                    st.busy[slot] = true;
+                    st.next += 1;
+                    // Numbered under the ring lock, so numbers rise in ring order.
+                    let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+                    return (LogSlot { log: self, ring, slot }, seq);
+                }
+            }
+            freed.await;
+        }
+    }
+
+    fn slot_pos(&self, slot: usize) -> u64 {
+        self.offset + slot as u64 * self.slot_bytes
+    }
+}
+
+impl Volume {
+    /// Writes the record for a stripe write to the ring of the stripe's first parity member and
+    /// returns once it is on the member (`None` when that member is lost: every data shard is
+    /// then present and nothing needs the record). `partial_parity` covers rows [lo, lo + len);
+    /// `None` for a full-stripe write.
+    pub(super) async fn log_stripe_write(&self, h: &Health, ext: &StripeExtent, lo: u64, partial_parity: Option<&[u8]>) -> Result<Option<LogSlot<'_>>, Fault> {
+        let Some(log) = &self.ppl else { return Ok(None) };
+        let s = ext.stripe;
+        let ring = self.geometry.shard_member(s, self.geometry.data_shards) as usize;
+        let Some(member) = h.readable(ring, s, &self.progress).cloned() else { return Ok(None) };
+        let (slot, seq) = log.acquire(ring).await;
+        let pp = partial_parity.unwrap_or(&[]);
+        let record = Record {
+            seq,
+            stripe: s,
+            lo: if partial_parity.is_some() { lo } else { 0 },
+            len: pp.len() as u64,
+            full: partial_parity.is_none(),
+            pieces: ext.pieces.iter().take(fmt::MAX_PIECES).map(|p| LoggedPiece { shard: p.shard, chunk_offset: p.chunk_offset, len: p.len }).collect(),
+            parity_crc: crc32c::crc32c(pp),
+        };
+        let mut buf = AlignedBuf::zeroed(fmt::HEADER + pp.len());
+        fmt::encode_header(&mut buf[..fmt::HEADER], &self.uuid, slot.slot as u32, &record);
+        buf[fmt::HEADER..].copy_from_slice(pp);
+        let len = buf.len() as u64;
+        member_write(&member, log.slot_pos(slot.slot), &Arc::new(buf), 0, len).await?;
+        Ok(Some(slot))
+    }
+
+    /// Reads every readable member's ring: the newest valid record per stripe, and the next
+    /// sequence number and ring positions to continue from, so new records outrank old ones.
+    pub(super) async fn read_partial_parity_log(&self, h: &Health) -> Records {
+        let Some(log) = &self.ppl else { return Records::new() };
+        let mut newest: Records = HashMap::new();
+        let mut max_seq = 0;
+        for (ring, e) in h.slots.iter().enumerate() {
+            let Some(m) = e.member.as_ref().filter(|_| h.readable(ring, 0, &self.progress).is_some()) else { continue };
+            let len = log.slot_bytes * log.slots as u64;
+            let buf = Arc::new(AlignedBuf::zeroed(len as usize));
+            if let Err(f) = member_read(m, log.offset, &buf, 0, len).await {
+                tracing::error!("cannot read the partial-parity log: {}", f.error);
+                continue;
+            }
+            let Ok(buf) = reclaim(buf) else { continue };
+            let mut ring_max = None;
+            for (slot, raw) in buf.chunks(log.slot_bytes as usize).enumerate() {
+                let Some(r) = fmt::decode_header(raw, &self.uuid, slot as u32, self.geometry.chunk) else { continue };
+                let pp = &raw[fmt::HEADER..][..r.len as usize];
+                if crc32c::crc32c(pp) != r.parity_crc || r.stripe >= self.geometry.stripes {
+                    continue; // torn: its stripe write was never issued
+                }
+                max_seq = max_seq.max(r.seq);
+                if ring_max.is_none_or(|(s, _)| r.seq > s) {
+                    ring_max = Some((r.seq, slot));
+                }
+                if newest.get(&r.stripe).is_none_or(|(old, _)| r.seq > old.seq) {
+                    newest.insert(r.stripe, (r.clone(), pp.to_vec()));
+                }
+            }
+            if let Some((_, slot)) = ring_max {
+                log.rings[ring].state.lock().unwrap_or_else(|p| p.into_inner()).next = slot as u64 + 1;
+            }
+        }
+        log.seq.fetch_max(max_seq + 1, Ordering::SeqCst);
+        newest
+    }
+
+    /// After a crash, for a dirty stripe with exactly one shard lost: makes the stripe
+    /// consistent so that the lost shard reads back right. Caller holds the stripe lock.
+    /// Returns false if the stripe cannot be made whole (rows of the lost member that the
+    /// interrupted write was changing: that write was never acknowledged, so no acknowledged
+    /// data is lost, but those rows read as whatever the survivors now encode).
+    pub(super) async fn recover_stripe(&self, stripe: u64, records: &Records) -> Result<bool, VolumeError> {
+        let g = self.geometry;
+        let (k, n) = (g.data_shards as usize, g.shards() as usize);
+        loop {
+            let h = self.health();
+            let lost: Vec<usize> =
+                (0..n).filter(|&shard| h.readable(g.shard_member(stripe, shard as u32) as usize, stripe, &self.progress).is_none()).collect();
+            if lost.len() != 1 {
+                return Ok(false);
+            }
+            let x = lost[0];
+            let record = match records.get(&stripe) {
+                // No record: no write was in flight, the stripe is consistent.
+                None => return Ok(true),
+                // A full-stripe write was changing every row of the lost shard: none of it was
+                // acknowledged, and the survivors encode some version of it.
+                Some((r, _)) if r.full => return Ok(true),
+                Some(r) => r,
+            };
+            // A lost parity shard: the data is all there; parity is recomputed over the chunk.
+            let (lo, len) = if x >= k { (0, g.chunk) } else { (record.0.lo, record.0.len) };
+            if len == 0 || (x >= k && n - k == 1) {
+                return Ok(true);
+            }
+            let pos = self.member_pos(stripe, lo);
+            let shards = Arc::new(AlignedBuf::zeroed(n * len as usize));
+            let reads = (0..n).filter(|&s| s != x).filter_map(|shard| {
+                let m = h.readable(g.shard_member(stripe, shard as u32) as usize, stripe, &self.progress)?;
+                Some(member_read(m, pos, &shards, shard as u64 * len, len))
+            });
+            let faults = faults_of(reads.collect::<Vec<_>>()).await;
+            if !faults.is_empty() {
+                self.settle_faults(faults).await?;
+                continue;
+            }
+            let mut shards = reclaim(shards)?;
+            let slab = len as usize;
+            if x < k {
+                let (r, pp) = record;
+                // The lost data as the survivors encode it (right only where they agree)...
+                let mut classic = shards.to_vec();
+                let mut present = vec![true; n];
+                present[x] = false;
+                {
+                    let mut slices: Vec<&mut [u8]> = classic.chunks_mut(slab).collect();
+                    self.codec.reconstruct(&mut slices, &present).map_err(|e| VolumeError::Codec(e.to_string()))?;
+                }
+                // ...and as the partial parity (standing in for parity 0) and the data the write
+                // left alone give it; the pieces being changed count as zeros, as in the record.
+                let mut basis = shards[..k * slab].to_vec();
+                for p in &r.pieces {
+                    let (from, to) = (p.chunk_offset.max(lo), (p.chunk_offset + p.len).min(lo + len));
+                    if from < to && (p.shard as usize) < k {
+                        let at = p.shard as usize * slab + (from - lo) as usize;
+                        basis[at..at + (to - from) as usize].fill(0);
+                    }
+                }
+                basis.resize(n * slab, 0);
+                basis[k * slab..(k + 1) * slab].copy_from_slice(pp);
+                let mut present = vec![true; n];
+                present[x] = false;
+                present[k + 1..].iter_mut().for_each(|p| *p = false);
+                {
+                    let mut slices: Vec<&mut [u8]> = basis.chunks_mut(slab).collect();
+                    self.codec.reconstruct(&mut slices, &present).map_err(|e| VolumeError::Codec(e.to_string()))?;
+                }
+                // Rows the write left alone come from the log; rows it was changing (never
+                // acknowledged) keep what the survivors encode.
+                for row in (0..len).step_by(crate::buf::ALIGN) {
+                    let src = if r.modifies(x as u32, lo + row) { &classic } else { &basis };
+                    let at = x * slab + row as usize;
+                    let end = at + crate::buf::ALIGN.min(slab - row as usize);
+                    shards[at..end].copy_from_slice(&src[at..end]);
+                }
+            }
+            // Parity afresh from the data as it now is (each piece old or new, both valid).
+            let parity = self.encode_parity(shards[..k * slab].chunks(slab).collect(), slab)?;
+            let mut writes = Vec::new();
+            for j in 0..(n - k) {
+                if k + j == x {
+                    continue;
+                }
+                for t in self.targets(&h, stripe, (k + j) as u32) {
+                    let parity = &parity;
+                    writes.push(async move { member_write(&t, pos, parity, (j * slab) as u64, len).await });
+                }
+            }
+            let faults = faults_of(writes).await;
+            if !faults.is_empty() {
+                self.fail_all_io(faults).await;
+                continue;
+            }
+            return Ok(true);
+        }
+    }
+}
