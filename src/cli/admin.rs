@@ -139,8 +139,12 @@ pub struct FaultArgs {
     /// Delay every operation by this many milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     delay_ms: u64,
+    /// After --after writes, the next write to the member persists only its first half and
+    /// the daemon dies on the spot (a power cut mid-write).
+    #[arg(long)]
+    torn_write: bool,
     /// Remove every fault from the member.
-    #[arg(long, conflicts_with_all = ["read_errors", "write_errors", "after", "delay_ms"])]
+    #[arg(long, conflicts_with_all = ["read_errors", "write_errors", "after", "delay_ms", "torn_write"])]
     clear: bool,
 }
 
@@ -200,13 +204,19 @@ pub async fn run(cmd: AdminCommand) -> Result<i32, String> {
             }
         }
         AdminCommand::Fault(args) => {
-            if !args.clear && !args.read_errors && !args.write_errors && args.delay_ms == 0 {
-                return Err("no fault given: use --read-errors, --write-errors or --delay-ms MS, or --clear".into());
+            if !args.clear && !args.read_errors && !args.write_errors && args.delay_ms == 0 && !args.torn_write {
+                return Err("no fault given: use --read-errors, --write-errors or --delay-ms MS, --torn-write, or --clear".into());
             }
             let fault = if args.clear {
                 FaultSpec::default()
             } else {
-                FaultSpec { read_errors: args.read_errors, write_errors: args.write_errors, after_ops: args.after, delay_ms: args.delay_ms }
+                FaultSpec {
+                    read_errors: args.read_errors,
+                    write_errors: args.write_errors,
+                    after_ops: args.after,
+                    delay_ms: args.delay_ms,
+                    torn_write: args.torn_write,
+                }
             };
             simple(&args.control.control, Request::Fault { member: args.member, fault }).await
         }

@@ -115,6 +115,7 @@ impl Admin for VolumeAdmin {
                     write_errors: fault.write_errors,
                     after_ops: fault.after_ops,
                     delay: std::time::Duration::from_millis(fault.delay_ms),
+                    torn_write: fault.torn_write,
                 };
                 answer(v.inject_faults(&member, plan))
             }

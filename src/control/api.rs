@@ -79,6 +79,9 @@ pub struct FaultSpec {
     /// Delay every operation by this much.
     #[serde(default)]
     pub delay_ms: u64,
+    /// After `after_ops`, persist half of the next write and stop the daemon dead.
+    #[serde(default)]
+    pub torn_write: bool,
 }
 
 /// What the control server needs from the daemon.

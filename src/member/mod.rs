@@ -349,8 +349,10 @@ impl Member {
     async fn transfer_once(&self, op: &'static str, offset: u64, buf: BufRange) -> Result<(), MemberError> {
         let len = buf.len();
         if self.faults.is_armed() {
-            if let Some(source) = self.faults.apply(op == "write").await {
-                return Err(MemberError::Io { path: self.path.clone(), op, offset, len, source });
+            match self.faults.apply(op == "write", (op == "write").then_some(len)).await {
+                Some(faults::Injected::Error(source)) => return Err(MemberError::Io { path: self.path.clone(), op, offset, len, source }),
+                Some(faults::Injected::Tear(keep)) => self.tear_and_die(offset, &buf.bytes()[..keep]),
+                None => {}
             }
         }
         let mut attempts = 0;
@@ -373,10 +375,25 @@ impl Member {
         }
     }
 
+    /// Fault injection: persists `prefix` at `offset` (buffered, then synced) and ends the
+    /// process at once, as a power cut in the middle of a write would.
+    fn tear_and_die(&self, offset: u64, prefix: &[u8]) -> ! {
+        use std::os::unix::fs::FileExt;
+        tracing::error!("{}: fault injection: tearing a write at offset {offset} after {} bytes and stopping dead", self.path.display(), prefix.len());
+        if let Ok(f) = OpenOptions::new().write(true).open(&self.path) {
+            let _ = f.write_all_at(prefix, offset);
+            let _ = f.sync_data();
+        }
+        std::process::abort()
+    }
+
     /// Makes completed writes durable (fdatasync through the ring).
     pub async fn sync(&self) -> Result<(), MemberError> {
         let injected = match self.faults.is_armed() {
-            true => self.faults.apply(true).await,
+            true => match self.faults.apply(true, None).await {
+                Some(faults::Injected::Error(e)) => Some(e),
+                _ => None,
+            },
             false => None,
         };
         let result = match injected {

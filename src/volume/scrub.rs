@@ -229,19 +229,30 @@ impl Volume {
             healed: Healed::default(),
             blocks: readable.iter().flatten().count() as u64 * len / ALIGN as u64,
         };
-        let damaged_stripes: BTreeSet<u64> = damage.iter().flat_map(damaged_positions).map(|p| (p - self.data_offset) / g.chunk).collect();
-        if repair {
-            result.healed = self.heal_damage(&damage).await?;
-        } else {
+        let mut damaged_stripes: BTreeSet<u64> = damage.iter().flat_map(damaged_positions).map(|p| (p - self.data_offset) / g.chunk).collect();
+        let mut bufs = bufs;
+        if !repair {
             for f in &damage {
                 let found = damaged_positions(f).len() as u64;
                 f.member.note_checksum_errors(found);
                 result.healed.damaged += found;
                 tracing::warn!("scrub: {}: {found} block(s) fail their checksum", f.member.path().display());
             }
+        } else if !damage.is_empty() {
+            result.healed = self.heal_damage(&damage).await?;
+            // Healed blocks hold old or new data (after a crash either is right), and the
+            // parity of their rows must now be checked like any other: read the batch again.
+            bufs = (0..n).map(|_| Arc::new(AlignedBuf::zeroed(len as usize))).collect();
+            let reads = readable.iter().zip(&bufs).filter_map(|(m, b)| m.as_ref().map(|m| member_read(m, pos, b, 0, len)));
+            let (damage, io): (Vec<Fault>, Vec<Fault>) = faults_of(reads.collect::<Vec<_>>()).await.into_iter().partition(|f| f.error.is_checksum());
+            if !io.is_empty() {
+                self.fail_all_io(io).await;
+                return Ok(None);
+            }
+            damaged_stripes = damage.iter().flat_map(damaged_positions).map(|p| (p - self.data_offset) / g.chunk).collect();
         }
         let mut bufs: Vec<AlignedBuf> = bufs.into_iter().map(reclaim).collect::<Result<_, _>>()?;
-        // Per slot, the byte ranges of this batch that repair rewrote.
+        // Per slot, the stripes of this batch that repair rewrote.
         let mut rewrites: Vec<Vec<u64>> = vec![Vec::new(); n];
         for s in first..=last {
             let at = ((s - first) as usize) * chunk;
@@ -249,8 +260,8 @@ impl Volume {
                 result.verdicts.push(Verdict::Skipped);
                 continue;
             }
-            // Damaged stripes were healed from (or could not be checked against) the rest;
-            // raid0 has only the checksums.
+            // Stripes with damage left could not be checked against the rest; raid0 has only
+            // the checksums.
             if damaged_stripes.contains(&s) || g.level == Level::Raid0 {
                 result.verdicts.push(Verdict::Consistent);
                 continue;
