@@ -186,7 +186,7 @@ async fn control_every_request_round_trips() {
         Request::Replace { old: "/d/m1".into(), new: "/d/new1".into() },
         Request::Rebuild { max_rate: Some(200 << 20) },
         Request::Rebuild { max_rate: None },
-        Request::Fault { member: "1".into(), fault: FaultSpec { read_errors: true, write_errors: false, after_ops: 10, delay_ms: 5 } },
+        Request::Fault { member: "1".into(), fault: FaultSpec { read_errors: true, write_errors: false, after_ops: 10, delay_ms: 5, torn_write: false } },
     ];
     // One connection for all of them: many requests per connection.
     let mut client = Client::connect(&srv.path).await.unwrap();
