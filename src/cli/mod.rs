@@ -65,10 +65,15 @@ struct CreateArgs {
     /// Overwrite members that already belong to a volume or hold data.
     #[arg(long)]
     force: bool,
-    /// Keep a crc32c of every 4 KiB block on its member, verified on every read (`off` trades
-    /// silent-corruption detection for one fewer write per new region of 2 MiB).
+    /// Keep a crc32c of every 4 KiB block on its member, verified on every read (`off` gives up
+    /// silent-corruption detection to save a 4 KiB checksum-page write before each data write).
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     checksums: OnOff,
+    /// raid5/ec: log the partial parity of every stripe write first, so a crash followed by the
+    /// loss of a member cannot corrupt untouched data (the write hole). `off` saves one small
+    /// write per stripe write.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    write_hole_log: OnOff,
     /// Member files or block devices, in slot order.
     #[arg(required = true)]
     members: Vec<PathBuf>,
@@ -183,6 +188,7 @@ async fn create(args: CreateArgs) -> Result<i32, String> {
         members: args.members,
         force: args.force,
         checksums: args.checksums == OnOff::On,
+        write_hole_log: args.write_hole_log == OnOff::On,
     };
     let created = volume::create(&spec, &engine()?).await.map_err(|e| e.to_string())?;
     let g = created.geometry;

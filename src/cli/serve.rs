@@ -224,6 +224,7 @@ async fn demo_members(engine: &Arc<Engine>) -> Result<Vec<PathBuf>, String> {
         members: members.clone(),
         force: false,
         checksums: true,
+        write_hole_log: true,
     };
     volume::create(&spec, engine).await.map_err(|e| e.to_string())?;
     tracing::info!("created the demo volume: RAID-5 over {DEMO_MEMBERS} sparse 1 GiB files in {DEMO_DIR}/");

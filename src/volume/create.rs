@@ -30,6 +30,8 @@ pub struct CreateSpec {
     pub force: bool,
     /// Keep a crc32c per 4096-byte block on every member (see `meta::checksums`).
     pub checksums: bool,
+    /// Parity levels: keep the partial-parity log that closes the write hole (see `meta::ppl`).
+    pub write_hole_log: bool,
 }
 
 #[derive(Debug, Error)]
@@ -177,7 +179,7 @@ struct Areas {
 fn data_area(spec: &CreateSpec, usable: u64) -> Result<Areas, CreateError> {
     let n = spec.members.len() as u32;
     let mut geometry = Geometry::new(spec.level, n, spec.ec, spec.chunk, usable - METADATA_RESERVED)?;
-    let logged = matches!(spec.level, Level::Raid5 | Level::Ec);
+    let logged = spec.write_hole_log && matches!(spec.level, Level::Raid5 | Level::Ec);
     let ppl_slots = if logged { ppl::slots_for(spec.chunk) } else { 0 };
     let ring = if logged { ppl::ring_bytes(spec.chunk, ppl_slots) } else { 0 };
     // The table shrinks the data area, which shrinks the table: settle in a few rounds.
