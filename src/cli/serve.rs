@@ -187,6 +187,7 @@ pub async fn run(args: ServeArgs) -> Result<i32, String> {
     served.map_err(|e| format!("NBD server failed: {e}"))?;
     volume.shutdown().await;
     volume.flush().await.map_err(|e| format!("final flush failed: {e}"))?;
+    volume.close().await;
     tracing::info!("all members flushed; exiting");
     Ok(0)
 }

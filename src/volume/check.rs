@@ -38,7 +38,7 @@ pub async fn check(volume: &Volume) -> Result<CheckReport, VolumeError> {
         return Ok(report);
     }
     let h = volume.health();
-    let dirty = volume.dirty_regions_on_disk(&h);
+    let dirty = volume.dirty_regions_on_disk(&h).await;
     report.dirty_regions = dirty.as_ref().map_or(volume.intent.regions, |d| d.len() as u64);
     if report.dirty_regions > 0 {
         // Offline, nothing is written: the settled entries are forgotten with the process.

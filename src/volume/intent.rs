@@ -243,7 +243,7 @@ impl Volume {
         let h = self.health();
         // Read at every start, not only after a crash: new records must number above old ones.
         let records = self.read_partial_parity_log(&h).await;
-        let dirty: Vec<u64> = match self.dirty_regions_on_disk(&h) {
+        let dirty: Vec<u64> = match self.dirty_regions_on_disk(&h).await {
             Some(d) => d.into_iter().collect(),
             None => {
                 tracing::warn!("no readable write-intent bitmap on any member: resyncing the whole volume");
@@ -291,19 +291,29 @@ impl Volume {
     }
 
     /// The union of the dirty regions in every member's bitmap; `None` if no member has a
-    /// readable bitmap (then everything must be taken as dirty).
-    pub(super) fn dirty_regions_on_disk(&self, h: &Health) -> Option<std::collections::BTreeSet<u64>> {
+    /// readable bitmap (then everything must be taken as dirty). Plain reads, so it works on
+    /// members opened read-only (`check`).
+    pub(super) async fn dirty_regions_on_disk(&self, h: &Health) -> Option<std::collections::BTreeSet<u64>> {
         let mut on_disk = std::collections::BTreeSet::new();
         let mut valid = 0;
+        let len = self.intent.area_len();
         for m in h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter())) {
-            if let Ok(map) = m.map_range(BITMAP_OFFSET, self.intent.area_len()) {
-                if let Ok(d) = bitmap::dirty_regions(&map, &self.uuid, self.intent.region_stripes, self.intent.regions) {
-                    valid += 1;
-                    on_disk.extend(d);
-                }
+            let buf = Arc::new(crate::buf::AlignedBuf::zeroed(len));
+            if m.read_at(BITMAP_OFFSET, crate::uring::BufRange::whole(buf.clone())).await.is_err() {
+                continue;
+            }
+            if let Ok(d) = bitmap::dirty_regions(&buf, &self.uuid, self.intent.region_stripes, self.intent.regions) {
+                valid += 1;
+                on_disk.extend(d);
             }
         }
         (valid > 0).then_some(on_disk)
+    }
+
+    /// At a clean stop, once requests are drained: flush and clear every bit, so the next start
+    /// is not taken for crash recovery.
+    pub async fn close(&self) {
+        self.clean_intent().await;
     }
 
     /// Periodic: clears the bits of regions with no write since the last look, after making
