@@ -232,7 +232,7 @@ fn scrub_finds_and_repairs(tag: &str, args: &[&str], n: usize, flip_member: usiz
     let o = run(nbraid().arg("scrub").arg("--control").arg(&ctl).arg("--wait"));
     assert!(o.status.success(), "scrub of a clean volume\n{}", show(&o));
     // corrupt one byte of one member (a parity chunk or a mirror copy, see the callers)
-    flip_byte(&m[flip_member], META + 1000, 0x10);
+    flip_byte(&m[flip_member], data_offset(&m[flip_member]) + 1000, 0x10);
     let o = run(nbraid().arg("scrub").arg("--control").arg(&ctl).arg("--wait"));
     assert!(!o.status.success(), "scrub --wait missed a flipped byte in member {flip_member}\n{}", show(&o));
     let o = run(nbraid().arg("scrub").arg("--control").arg(&ctl).arg("--repair").arg("--wait"));
@@ -257,7 +257,7 @@ fn scrub_raid5_parity_byte() {
     d.stop_ok();
     let parity = (0..3)
         .find(|&i| {
-            let b = read_at(&m[i], META, 1)[0];
+            let b = read_at(&m[i], data_offset(&m[i]), 1)[0];
             b != 0x01 && b != 0x02
         })
         .expect("no member holds stripe 0's parity at offset 1 MiB");

@@ -243,7 +243,7 @@ fn no_argument_demo() {
     };
     let g = start("1");
     let size = nbdinfo_size(uri);
-    let bound = 3 * (1024 * MIB - META);
+    let bound = 3 * (1024 * MIB - data_offset(&dir.join("nbraid-data").join("m0")));
     assert!(size <= bound && size > bound - 4 * MIB, "demo volume size {size}, expected about 3 GiB");
     let data = dir.join("nbraid-data");
     let files: Vec<_> = std::fs::read_dir(&data).unwrap_or_else(|e| panic!("{}: {e}", data.display())).collect();
@@ -325,7 +325,7 @@ fn check_with_a_member_missing(tag: &str, args: &[&str], n: usize) -> (bool, u64
     let d = Daemon::start(&dir, &m);
     qemu_io(&d.uri(), &["write -P 0x11 0 4M".into()]);
     d.stop_ok();
-    flip_byte(&m[1], META + 10, 0xff);
+    flip_byte(&m[1], data_offset(&m[1]) + 10, 0xff);
     check_dirty(&m, "a flipped byte with every member present");
     check(&m[..n - 1])
 }

@@ -201,7 +201,7 @@ fn silent_corruption_in_a_member_is_found_by_check() {
     // overwrite 4 KiB of one member's data area with other bytes
     let f = std::fs::OpenOptions::new().write(true).open(&m[2]).unwrap();
     use std::os::unix::fs::FileExt;
-    f.write_all_at(&[0x12u8; 4096], META + 128 * KIB).unwrap();
+    f.write_all_at(&[0x12u8; 4096], data_offset(&m[0]) + 128 * KIB).unwrap();
     f.sync_all().unwrap();
     check_dirty(&m, "overwriting 4 KiB of member 2");
 }

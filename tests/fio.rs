@@ -116,9 +116,9 @@ fn concurrent_same_stripes(tag: &str, args: &[&str], n: usize) {
 
     // The written region is volume [0, 1 MiB): on every member it begins right after the 1 MiB
     // of metadata. Flip a byte there in each member in turn.
-    let off = META + 100;
+    let off = data_offset(&members[0]) + 100;
     for (i, m) in members.iter().enumerate() {
-        let around = read_at(m, META, 4096);
+        let around = read_at(m, data_offset(m), 4096);
         assert!(
             around.iter().any(|&b| b != 0),
             "member {i} ({}) holds only zeros at [1 MiB, 1 MiB + 4 KiB) after writes to volume [0, 1 MiB): \
@@ -133,8 +133,8 @@ fn concurrent_same_stripes(tag: &str, args: &[&str], n: usize) {
     check_clean(&members);
 
     // two members damaged at once (different stripes) is still reported, and the count is > 1
-    flip_byte(&members[0], META + 7, 0x01);
-    flip_byte(&members[n - 1], META + 200 * KIB, 0x80);
+    flip_byte(&members[0], data_offset(&members[0]) + 7, 0x01);
+    flip_byte(&members[n - 1], data_offset(&members[n - 1]) + 200 * KIB, 0x80);
     let (ok, count, o) = check(&members);
     assert!(!ok && count >= 1, "two flipped bytes not detected\n{}", show(&o));
 }

@@ -66,9 +66,11 @@ impl Record {
     }
 }
 
-/// Ring slots for a chunk size: about 8 MiB of ring, between 16 and 64 slots.
+/// Ring slots for a chunk size: about 4 MiB of ring, between 16 and 64 slots (a slot is busy
+/// only while its stripe write is in flight, so this bounds partial-stripe writes in flight
+/// per member).
 pub fn slots_for(chunk: u64) -> u32 {
-    ((8 << 20) / slot_bytes(chunk)).clamp(16, 64) as u32
+    ((4 << 20) / slot_bytes(chunk)).clamp(16, 64) as u32
 }
 
 pub fn slot_bytes(chunk: u64) -> u64 {
@@ -182,7 +184,8 @@ mod tests {
 
     #[test]
     fn ring_shape() {
-        assert_eq!(slots_for(64 << 10), 64);
+        assert_eq!(slots_for(64 << 10), 60);
+        assert_eq!(slots_for(4 << 10), 64);
         assert_eq!(slots_for(1 << 20), 16);
         assert_eq!(ring_bytes(4096, 2), 16384);
     }

@@ -28,6 +28,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_nbraid");
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;
 /// Metadata reserved at the start of every member (contract: 1 MiB).
+/// The metadata of a member with `--checksums off` on a level without parity; otherwise ask
+/// [`data_offset`].
 pub const META: u64 = MIB;
 
 /// Generous bound for things that must happen (daemon ready, daemon exit). Hang guard only; no
@@ -151,18 +153,25 @@ pub fn create_fails(args: &[&str], members: &[PathBuf]) -> Output {
     o
 }
 
-/// `nbraid check MEMBERS...`: returns (exit ok, N from "inconsistent stripes: N", output).
+/// `nbraid check MEMBERS...`: returns (exit ok, N, output) where N counts the damage found:
+/// "inconsistent stripes: N" plus (when the volume keeps checksums) "blocks failing their
+/// checksum: N".
 pub fn check(members: &[PathBuf]) -> (bool, u64, Output) {
     let o = run(nbraid().arg("check").args(members));
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    let n = text
-        .lines()
-        .find_map(|l| {
-            let i = l.find("inconsistent stripes:")?;
-            l[i + "inconsistent stripes:".len()..].split_whitespace().next()?.parse::<u64>().ok()
+    let count = |label: &str| {
+        text.lines().find_map(|l| {
+            let i = l.find(label)?;
+            l[i + label.len()..].split_whitespace().next()?.parse::<u64>().ok()
         })
-        .unwrap_or_else(|| panic!("`nbraid check` printed no `inconsistent stripes: N` line\n{}", show(&o)));
-    (o.status.success(), n, o)
+    };
+    let n = count("inconsistent stripes:").unwrap_or_else(|| panic!("`nbraid check` printed no `inconsistent stripes: N` line\n{}", show(&o)));
+    (o.status.success(), n + count("blocks failing their checksum:").unwrap_or(0), o)
+}
+
+/// Where the data area starts on a member: its superblock's data offset (u64 at byte 88).
+pub fn data_offset(member: &Path) -> u64 {
+    u64::from_le_bytes(read_at(member, 88, 8).try_into().unwrap())
 }
 
 /// `nbraid check` must report 0 inconsistent stripes and exit 0.
