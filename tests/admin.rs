@@ -216,42 +216,104 @@ fn cli_output_to_a_closed_pipe_does_not_panic() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-/// Online scrub: a byte changed behind the daemon's back is found while serving; --repair makes
-/// every stripe consistent again (offline check agrees), and data written through the volume is
-/// unharmed where it was not the corrupted byte.
-fn scrub_finds_and_repairs(tag: &str, args: &[&str], n: usize, flip_member: usize) {
+/// Online scrub: a byte changed behind the daemon's back is found while serving; --repair puts
+/// the original byte back and makes every stripe consistent again (offline check agrees), and
+/// data written through the volume is unharmed.
+///
+/// With block checksums (the default) the flipped byte is found as a block failing its
+/// checksum, on the flipped member, and rebuilt from redundancy; with `--checksums off` it is
+/// found as an inconsistent stripe (parity or mirror copies disagreeing with the data) and the
+/// repair recomputes parity from the data (raid1: copies slot 0's copy). Either way the flipped
+/// byte must be in a parity chunk or a mirror copy other than slot 0 (see the callers), since
+/// that is what a repair without checksums may overwrite.
+fn scrub_finds_and_repairs(tag: &str, args: &[&str], n: usize, flip_member: usize, checksums: bool) {
     let dir = TestDir::new(tag);
     let m = dir.members("m", n);
     let mut a = args.to_vec();
     a.extend(["--size", "16MiB"]);
+    if !checksums {
+        a.extend(["--checksums", "off"]);
+    }
     create(&a, &m);
+    let layout = member_layout(&m[flip_member]);
+    assert_eq!(layout.checksum_table != 0, checksums, "superblock checksum table offset for checksums {checksums}: {layout:?}");
     let (d, ctl) = Daemon::start_controlled(&dir, &m);
     let mut s = Shadow::new(0, 2 * MIB);
     s.write(0, 2 * MIB, 0x6b);
     s.apply(&d.uri());
-    let o = run(nbraid().arg("scrub").arg("--control").arg(&ctl).arg("--wait"));
-    assert!(o.status.success(), "scrub of a clean volume\n{}", show(&o));
-    // corrupt one byte of one member (a parity chunk or a mirror copy, see the callers)
-    flip_byte(&m[flip_member], data_offset(&m[flip_member]) + 1000, 0x10);
-    let o = run(nbraid().arg("scrub").arg("--control").arg(&ctl).arg("--wait"));
+    // (checksum errors, inconsistent stripes, repaired) of the last scrub, also in its summary
+    let scrub = |repair: bool| {
+        let mut c = nbraid();
+        c.arg("scrub").arg("--control").arg(&ctl).arg("--wait");
+        if repair {
+            c.arg("--repair");
+        }
+        let o = run(&mut c);
+        let v = status_json(&ctl);
+        let sc = &v["scrub"];
+        let num = |k: &str| sc[k].as_u64().unwrap_or_else(|| panic!("scrub status without {k}: {v:#}\n{}", show(&o)));
+        assert_eq!(sc["running"].as_bool(), Some(false), "scrub still running after --wait: {v:#}");
+        assert_eq!(num("stripes_done"), num("stripes_total"), "scrub did not cover every stripe: {v:#}");
+        assert_eq!((num("unrepairable"), num("skipped")), (0, 0), "scrub on an optimal volume: {v:#}");
+        let (ce, mm, rep) = (num("checksum_errors"), num("mismatches"), num("repaired"));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            out.contains(&format!("{ce} checksum errors, {mm} inconsistent stripes, {rep} repaired")),
+            "the summary of `scrub --wait` does not show the counts of `status`: {v:#}\n{}",
+            show(&o)
+        );
+        (o, v, (ce, mm, rep))
+    };
+    let (o, v, counts) = scrub(false);
+    assert!(o.status.success() && counts == (0, 0, 0), "scrub of a clean volume\n{v:#}\n{}", show(&o));
+
+    // corrupt one byte of one member's data area (a parity chunk or a mirror copy)
+    let off = layout.data_offset + 1000;
+    let old = flip_byte(&m[flip_member], off, 0x10);
+    let (o, v, counts) = scrub(false);
     assert!(!o.status.success(), "scrub --wait missed a flipped byte in member {flip_member}\n{}", show(&o));
-    let o = run(nbraid().arg("scrub").arg("--control").arg(&ctl).arg("--repair").arg("--wait"));
-    assert!(o.status.success(), "scrub --repair --wait\n{}", show(&o));
-    let o = run(nbraid().arg("scrub").arg("--control").arg(&ctl).arg("--wait"));
-    assert!(o.status.success(), "scrub after repair still finds inconsistencies\n{}", show(&o));
+    let slot_errors: Vec<u64> = (0..n).map(|i| v["slots"][i]["checksum_errors"].as_u64().unwrap_or(0)).collect();
+    if checksums {
+        assert_eq!(counts, (1, 0, 0), "a flipped byte is one block failing its checksum (nothing repaired without --repair)\n{v:#}");
+        let mut want = vec![0; n];
+        want[flip_member] = 1;
+        assert_eq!(slot_errors, want, "checksum errors per slot: the flipped member is member {flip_member}\n{v:#}");
+        assert_eq!(v["checksum_errors"].as_u64(), Some(1), "volume checksum_errors\n{v:#}");
+    } else {
+        assert_eq!(counts, (0, 1, 0), "without checksums a flipped byte is one inconsistent stripe\n{v:#}");
+        assert_eq!(slot_errors, vec![0; n], "no checksum errors without checksums\n{v:#}");
+    }
+
+    let (o, v, counts) = scrub(true);
+    assert!(o.status.success(), "scrub --repair --wait\n{v:#}\n{}", show(&o));
+    if checksums {
+        assert_eq!(counts, (1, 0, 1), "scrub --repair: the damaged block found and rebuilt\n{v:#}");
+        let repaired = v["slots"][flip_member]["repaired_blocks"].as_u64().unwrap_or(0);
+        assert!(repaired >= 1, "slot {flip_member} counts no repaired block after scrub --repair\n{v:#}");
+        assert!(v["repaired_blocks"].as_u64().unwrap_or(0) >= 1, "volume repaired_blocks\n{v:#}");
+    } else {
+        assert_eq!(counts, (0, 1, 1), "scrub --repair: the inconsistent stripe found and rewritten\n{v:#}");
+    }
+    assert_eq!(read_at(&m[flip_member], off, 1)[0], old, "scrub --repair did not put back the original byte at {off} of member {flip_member}");
+
+    let (o, v, counts) = scrub(false);
+    assert!(o.status.success() && counts == (0, 0, 0), "scrub after repair still finds damage\n{v:#}\n{}", show(&o));
     s.verify(&d.uri());
     d.stop_ok();
     check_clean(&m);
 }
 
-#[test]
-fn scrub_raid5_parity_byte() {
-    // raid5 over 3 members: stripe 0's parity lives on one member; flip all members' byte in
-    // turn would need three volumes, so flip the one `check` identifies as parity: the member
-    // whose chunk 0 is not volume data [0, 64 KiB) or [64 KiB, 128 KiB).
+/// raid5 over 3 members: stripe 0's parity lives on one member; flipping every member's byte
+/// in turn would need three volumes, so flip the parity: the member whose first data block is
+/// not volume data [0, 64 KiB) or [64 KiB, 128 KiB).
+fn scrub_raid5_parity(tag: &str, checksums: bool) {
     let probe = TestDir::new("scrub-probe");
     let m = probe.members("m", 3);
-    create(&["--level", "raid5", "--size", "16MiB"], &m);
+    let mut a = vec!["--level", "raid5", "--size", "16MiB"];
+    if !checksums {
+        a.extend(["--checksums", "off"]);
+    }
+    create(&a, &m);
     let d = Daemon::start(&probe, &m);
     qemu_io(&d.uri(), &["write -P 0x01 0 64k".into(), "write -P 0x02 64k 64k".into()]);
     d.stop_ok();
@@ -260,11 +322,26 @@ fn scrub_raid5_parity_byte() {
             let b = read_at(&m[i], data_offset(&m[i]), 1)[0];
             b != 0x01 && b != 0x02
         })
-        .expect("no member holds stripe 0's parity at offset 1 MiB");
-    scrub_finds_and_repairs("scrub-r5", &["--level", "raid5"], 3, parity);
+        .expect("no member holds stripe 0's parity at the start of its data area");
+    scrub_finds_and_repairs(tag, &["--level", "raid5"], 3, parity, checksums);
+}
+
+#[test]
+fn scrub_raid5_parity_byte() {
+    scrub_raid5_parity("scrub-r5", true);
+}
+
+#[test]
+fn scrub_raid5_parity_byte_without_checksums() {
+    scrub_raid5_parity("scrub-r5-nocs", false);
 }
 
 #[test]
 fn scrub_raid1_second_copy() {
-    scrub_finds_and_repairs("scrub-r1", &["--level", "raid1"], 2, 1);
+    scrub_finds_and_repairs("scrub-r1", &["--level", "raid1"], 2, 1, true);
+}
+
+#[test]
+fn scrub_raid1_second_copy_without_checksums() {
+    scrub_finds_and_repairs("scrub-r1-nocs", &["--level", "raid1"], 2, 1, false);
 }

@@ -243,9 +243,16 @@ fn no_argument_demo() {
     };
     let g = start("1");
     let size = nbdinfo_size(uri);
-    let bound = 3 * (1024 * MIB - data_offset(&dir.join("nbraid-data").join("m0")));
-    assert!(size <= bound && size > bound - 4 * MIB, "demo volume size {size}, expected about 3 GiB");
     let data = dir.join("nbraid-data");
+    // 3 data members' data areas (each member: 1 GiB less its metadata, whole stripes)
+    let l = member_layout(&data.join("m0"));
+    let bound = 3 * (1024 * MIB - l.data_offset);
+    assert!(
+        size == 3 * l.member_data_bytes && size <= bound && size > bound - 4 * MIB,
+        "demo volume size {size}, expected about 3 GiB: 3 x the {} data bytes of a member ({l:?})",
+        l.member_data_bytes
+    );
+    assert!(l.data_offset <= 16 * MIB, "the demo's members spend {} bytes on metadata: {l:?}", l.data_offset);
     let files: Vec<_> = std::fs::read_dir(&data).unwrap_or_else(|e| panic!("{}: {e}", data.display())).collect();
     assert_eq!(files.len(), 4, "demo should create four member files in ./nbraid-data");
     for f in files {
@@ -315,32 +322,59 @@ fn members_in_use_by_a_running_daemon_are_refused() {
     check_clean(&a);
 }
 
-/// Corrupt one byte, then check the volume with one member left out.
-fn check_with_a_member_missing(tag: &str, args: &[&str], n: usize) -> (bool, u64, std::process::Output) {
+/// Corrupt one byte of member 1's data, then check the volume with the last member left out.
+/// With every member present the flip must be found: as a block failing its checksum, or
+/// (`--checksums off`) as an inconsistent stripe.
+fn check_with_a_member_missing(tag: &str, args: &[&str], n: usize, checksums: bool) -> CheckCounts {
     let dir = TestDir::new(tag);
     let m = dir.members("m", n);
     let mut a = args.to_vec();
     a.extend(["--size", "16MiB"]);
+    if !checksums {
+        a.extend(["--checksums", "off"]);
+    }
     create(&a, &m);
     let d = Daemon::start(&dir, &m);
     qemu_io(&d.uri(), &["write -P 0x11 0 4M".into()]);
     d.stop_ok();
     flip_byte(&m[1], data_offset(&m[1]) + 10, 0xff);
-    check_dirty(&m, "a flipped byte with every member present");
-    check(&m[..n - 1])
+    let c = check_dirty(&m, "a flipped byte with every member present");
+    if checksums {
+        assert_eq!((c.failing, c.inconsistent), (Some(1), 0), "one flipped byte is one block failing its checksum\n{}", show(&c.output));
+    } else {
+        assert_eq!((c.failing, c.inconsistent), (None, 1), "without checksums one flipped byte is one inconsistent stripe\n{}", show(&c.output));
+    }
+    check_counts(&m[..n - 1])
 }
 
-/// ec 4+2 with one member missing still has one parity: check must still find the flip.
+/// ec 4+2 with one member missing still has one parity: check must still find the flip (by
+/// parity: an inconsistent stripe).
+#[test]
+fn check_with_a_member_missing_ec_4_2_without_checksums_still_finds_corruption() {
+    let c = check_with_a_member_missing("cli-chk-ec-nocs", &["--level", "ec", "--data", "4", "--parity", "2"], 6, false);
+    assert!(!c.ok && c.inconsistent > 0, "ec 4+2 minus one member: a flipped byte went unnoticed\n{}", show(&c.output));
+}
+
+/// The same with block checksums: the flipped byte fails its checksum (its stripe is then not
+/// cross-checked for parity).
 #[test]
 fn check_with_a_member_missing_ec_4_2_still_finds_corruption() {
-    let (ok, count, o) = check_with_a_member_missing("cli-chk-ec", &["--level", "ec", "--data", "4", "--parity", "2"], 6);
-    assert!(!ok && count > 0, "ec 4+2 minus one member: a flipped byte went unnoticed\n{}", show(&o));
+    let c = check_with_a_member_missing("cli-chk-ec", &["--level", "ec", "--data", "4", "--parity", "2"], 6, true);
+    assert!(!c.ok && c.failing() == 1, "ec 4+2 minus one member: a flipped byte went unnoticed\n{}", show(&c.output));
 }
 
-/// raid5 with a member missing has no redundancy left: check cannot verify anything and must
-/// not claim "inconsistent stripes: 0" with exit 0 (it does today, over a flipped byte).
+/// raid5 with a member missing has no redundancy left: without checksums check cannot verify
+/// anything and must not claim "inconsistent stripes: 0" with exit 0.
 #[test]
 fn check_with_a_member_missing_raid5_does_not_claim_consistency() {
-    let (ok, _count, o) = check_with_a_member_missing("cli-chk-r5", &["--level", "raid5"], 4);
-    assert!(!ok, "raid5 minus one member: check exited 0 although nothing could be verified\n{}", show(&o));
+    let c = check_with_a_member_missing("cli-chk-r5-nocs", &["--level", "raid5"], 4, false);
+    assert!(!c.ok, "raid5 minus one member: check exited 0 although nothing could be verified\n{}", show(&c.output));
+}
+
+/// With block checksums the blocks can still be verified one by one: check must find the
+/// flipped byte even with no parity left (and still exit non-zero).
+#[test]
+fn check_with_a_member_missing_raid5_still_finds_a_checksum_failure() {
+    let c = check_with_a_member_missing("cli-chk-r5", &["--level", "raid5"], 4, true);
+    assert!(!c.ok && c.failing() == 1, "raid5 minus one member: the flipped byte should fail its checksum\n{}", show(&c.output));
 }

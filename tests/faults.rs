@@ -186,22 +186,47 @@ fn degraded_raid1_one_failing_member() {
     degraded("deg-raid1", &["--level", "raid1"], 1, 1);
 }
 
-/// Silent corruption of a member (bytes changed behind the daemon's back) is found by check.
-#[test]
-fn silent_corruption_in_a_member_is_found_by_check() {
-    let dir = TestDir::new("corrupt");
+/// Silent corruption of a member (bytes changed behind the daemon's back) is found by check:
+/// with block checksums as exactly the one 4 KiB block overwritten, without (`--checksums off`)
+/// as an inconsistent stripe.
+fn silent_corruption(tag: &str, checksums: bool) {
+    let dir = TestDir::new(tag);
     let m = dir.members("m", 4);
-    create(&["--level", "raid5", "--size", "32MiB"], &m);
+    let mut a = vec!["--level", "raid5", "--size", "32MiB"];
+    if !checksums {
+        a.extend(["--checksums", "off"]);
+    }
+    create(&a, &m);
     let d = Daemon::start(&dir, &m);
     let mut s = Shadow::new(0, 2 * MIB);
     s.write(0, 2 * MIB, 0x77);
     s.apply(&d.uri());
     d.stop_ok();
     check_clean(&m);
-    // overwrite 4 KiB of one member's data area with other bytes
+    // overwrite one 4 KiB block of member 2's data area (written above: volume [0, 2 MiB) is
+    // member bytes [0, 704 KiB) of each data area) with other bytes
     let f = std::fs::OpenOptions::new().write(true).open(&m[2]).unwrap();
     use std::os::unix::fs::FileExt;
-    f.write_all_at(&[0x12u8; 4096], data_offset(&m[0]) + 128 * KIB).unwrap();
+    let off = data_offset(&m[2]) + 128 * KIB;
+    f.write_all_at(&[0x12u8; 4096], off).unwrap();
     f.sync_all().unwrap();
-    check_dirty(&m, "overwriting 4 KiB of member 2");
+    let c = check_dirty(&m, "overwriting 4 KiB of member 2");
+    if checksums {
+        assert_eq!((c.failing, c.inconsistent), (Some(1), 0), "one overwritten block should be one block failing its checksum\n{}", show(&c.output));
+        let out = String::from_utf8_lossy(&c.output.stdout);
+        let named = format!("damaged block: {} at offset {off}", m[2].display());
+        assert!(out.contains(&named), "check should name the damaged block ({named})\n{}", show(&c.output));
+    } else {
+        assert_eq!((c.failing, c.inconsistent), (None, 1), "one overwritten block should be one inconsistent stripe\n{}", show(&c.output));
+    }
+}
+
+#[test]
+fn silent_corruption_in_a_member_is_found_by_check() {
+    silent_corruption("corrupt", true);
+}
+
+#[test]
+fn silent_corruption_in_a_member_is_found_by_check_without_checksums() {
+    silent_corruption("corrupt-nocs", false);
 }

@@ -68,10 +68,16 @@ fn fio_verify_ec_4_2() {
 
 /// Four connections writing random blocks to the same 1 MiB (the same few stripes) for a fixed
 /// number of I/Os; afterwards every stripe's redundancy must be consistent. Then a flipped byte
-/// in each member in turn (so data and parity positions, or each mirror) must be detected.
-fn concurrent_same_stripes(tag: &str, args: &[&str], n: usize) {
+/// in each member in turn (so data and parity positions, or each mirror) must be detected: with
+/// block checksums as one block failing its checksum, with `--checksums off` as one
+/// inconsistent stripe (parity or mirrors disagreeing).
+fn concurrent_same_stripes(tag: &str, args: &[&str], n: usize, checksums: bool) {
     let dir = TestDir::new(tag);
-    let members = volume(&dir, args, n, "32MiB");
+    let mut args = args.to_vec();
+    if !checksums {
+        args.extend(["--checksums", "off"]);
+    }
+    let members = volume(&dir, &args, n, "32MiB");
     let d = Daemon::start(&dir, &members);
     let uri = d.uri();
     let v = fio_ctx(
@@ -114,44 +120,62 @@ fn concurrent_same_stripes(tag: &str, args: &[&str], n: usize) {
     d.stop_ok();
     check_clean(&members);
 
-    // The written region is volume [0, 1 MiB): on every member it begins right after the 1 MiB
-    // of metadata. Flip a byte there in each member in turn.
-    let off = data_offset(&members[0]) + 100;
+    // The written region is volume [0, 1 MiB): on every member it is the start of the data
+    // area. Flip a byte there in each member in turn.
+    let found = |c: &CheckCounts| if checksums { (c.failing(), c.inconsistent) } else { (c.inconsistent, c.failing()) };
     for (i, m) in members.iter().enumerate() {
-        let around = read_at(m, data_offset(m), 4096);
+        let data = data_offset(m);
+        let around = read_at(m, data, 4096);
         assert!(
             around.iter().any(|&b| b != 0),
-            "member {i} ({}) holds only zeros at [1 MiB, 1 MiB + 4 KiB) after writes to volume [0, 1 MiB): \
-             is its data area not right after the 1 MiB of metadata?",
+            "member {i} ({}) holds only zeros at the start of its data area [{data}, {data} + 4 KiB) after writes to volume [0, 1 MiB): \
+             is its data area not where its superblock says?",
             m.display()
         );
+        let off = data + 100;
         let old = flip_byte(m, off, 0xff);
-        check_dirty(&members, &format!("flipping byte {off} of member {i} ({})", m.display()));
+        let c = check_dirty(&members, &format!("flipping byte {off} of member {i} ({})", m.display()));
+        assert_eq!(found(&c), (1, 0), "flipping byte {off} of member {i}: one damaged block / inconsistent stripe expected\n{}", show(&c.output));
         flip_byte(m, off, 0xff);
         assert_eq!(read_at(m, off, 1)[0], old);
     }
     check_clean(&members);
 
-    // two members damaged at once (different stripes) is still reported, and the count is > 1
+    // two members damaged at once (different stripes) is still reported, and counted twice
     flip_byte(&members[0], data_offset(&members[0]) + 7, 0x01);
     flip_byte(&members[n - 1], data_offset(&members[n - 1]) + 200 * KIB, 0x80);
-    let (ok, count, o) = check(&members);
-    assert!(!ok && count >= 1, "two flipped bytes not detected\n{}", show(&o));
+    let c = check_counts(&members);
+    assert!(!c.ok && found(&c) == (2, 0), "two flipped bytes (stripes 0 and 3) not both detected\n{}", show(&c.output));
 }
 
 #[test]
 fn concurrent_writers_raid5() {
-    concurrent_same_stripes("conc-raid5", &["--level", "raid5"], 3);
+    concurrent_same_stripes("conc-raid5", &["--level", "raid5"], 3, true);
 }
 
 #[test]
 fn concurrent_writers_ec_4_2() {
-    concurrent_same_stripes("conc-ec42", &["--level", "ec", "--data", "4", "--parity", "2"], 6);
+    concurrent_same_stripes("conc-ec42", &["--level", "ec", "--data", "4", "--parity", "2"], 6, true);
 }
 
 #[test]
 fn concurrent_writers_raid1() {
-    concurrent_same_stripes("conc-raid1", &["--level", "raid1"], 2);
+    concurrent_same_stripes("conc-raid1", &["--level", "raid1"], 2, true);
+}
+
+#[test]
+fn concurrent_writers_raid5_without_checksums() {
+    concurrent_same_stripes("conc-raid5-nocs", &["--level", "raid5"], 3, false);
+}
+
+#[test]
+fn concurrent_writers_ec_4_2_without_checksums() {
+    concurrent_same_stripes("conc-ec42-nocs", &["--level", "ec", "--data", "4", "--parity", "2"], 6, false);
+}
+
+#[test]
+fn concurrent_writers_raid1_without_checksums() {
+    concurrent_same_stripes("conc-raid1-nocs", &["--level", "raid1"], 2, false);
 }
 
 /// Four connections write interleaved, disjoint blocks of the same chunks at the same time

@@ -99,8 +99,28 @@ fn exercise(l: Level) {
     let s = l.chunk * l.k;
     let d = Daemon::start(&dir, &members);
     let size = d.size();
-    let bound = l.k * (l.member_size - data_offset(&members[0]));
-    assert!(size <= bound && bound - size < s && size % s == 0, "{}: volume size {size} should be whole stripes of {s} just below {bound}", l.tag);
+    // Every member has the same layout; the data area is whole stripes just below what is left
+    // of the member after its metadata. That metadata is the first MiB, the checksum table (two
+    // 4 KiB copies of a page per 511 blocks) and on parity levels the write-hole log (about
+    // 4 MiB), rounded up to a MiB: a data area starting later wastes space.
+    let layout = member_layout(&members[0]);
+    for m in &members[1..] {
+        assert_eq!(member_layout(m), layout, "{}: member {} has another layout than {}", l.tag, m.display(), members[0].display());
+    }
+    assert_eq!(layout.chunk, l.chunk, "{}: chunk in the superblock: {layout:?}", l.tag);
+    let table_max = 2 * 4096 * (l.member_size / 4096).div_ceil(511);
+    let meta_max = META + round_up(table_max + 5 * MIB, MIB);
+    assert!(layout.data_offset <= meta_max, "{}: the data area starts at {}, beyond the {meta_max} its metadata needs at most: {layout:?}", l.tag, layout.data_offset);
+    let room = l.member_size - layout.data_offset;
+    assert!(
+        layout.member_data_bytes <= room && room - layout.member_data_bytes < l.chunk,
+        "{}: {} data bytes per member should be whole chunks just below the {room} after the metadata: {layout:?}",
+        l.tag,
+        layout.member_data_bytes
+    );
+    let bound = l.k * room;
+    assert!(size <= bound && bound - size < s && size % s == 0, "{}: volume size {size} should be whole stripes of {s} just below {bound} ({layout:?})", l.tag);
+    assert_eq!(size, l.k * layout.member_data_bytes, "{}: volume size vs {} data shards of {layout:?}", l.tag, l.k);
     assert_eq!(nbdinfo_size(&d.uri_named("vol")), size, "named export `vol` has another size than \"\"");
 
     // 1. random image in with nbdcopy

@@ -27,9 +27,9 @@ use sha2::{Digest, Sha256};
 pub const BIN: &str = env!("CARGO_BIN_EXE_nbraid");
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;
-/// Metadata reserved at the start of every member (contract: 1 MiB).
-/// The metadata of a member with `--checksums off` on a level without parity; otherwise ask
-/// [`data_offset`].
+/// Metadata reserved at the start of every member (superblocks, bitmap). The data area starts
+/// here only for `--checksums off` on a level without parity: the checksum table and the
+/// partial-parity log come after it, so ask [`data_offset`] where the data is.
 pub const META: u64 = MIB;
 
 /// Generous bound for things that must happen (daemon ready, daemon exit). Hang guard only; no
@@ -153,10 +153,36 @@ pub fn create_fails(args: &[&str], members: &[PathBuf]) -> Output {
     o
 }
 
-/// `nbraid check MEMBERS...`: returns (exit ok, N, output) where N counts the damage found:
-/// "inconsistent stripes: N" plus (when the volume keeps checksums) "blocks failing their
-/// checksum: N".
+/// `nbraid check MEMBERS...`: returns (exit ok, N from "inconsistent stripes: N", output).
+/// Blocks failing their checksum are not in N: see [`check_counts`].
 pub fn check(members: &[PathBuf]) -> (bool, u64, Output) {
+    let c = check_counts(members);
+    (c.ok, c.inconsistent, c.output)
+}
+
+/// What `nbraid check` reported.
+pub struct CheckCounts {
+    /// exit status 0
+    pub ok: bool,
+    /// "inconsistent stripes: N": stripes whose blocks all pass their checksums but whose
+    /// parity or mirror copies disagree
+    pub inconsistent: u64,
+    /// "blocks failing their checksum: N"; None when the volume keeps no checksums (`check`
+    /// prints "block checksums: none")
+    pub failing: Option<u64>,
+    pub output: Output,
+}
+
+impl CheckCounts {
+    /// Blocks failing their checksum (0 for a volume without checksums).
+    pub fn failing(&self) -> u64 {
+        self.failing.unwrap_or(0)
+    }
+}
+
+/// `nbraid check MEMBERS...` with both of its counts. A volume with checksums must print the
+/// checksum line, one without must say it has none.
+pub fn check_counts(members: &[PathBuf]) -> CheckCounts {
     let o = run(nbraid().arg("check").args(members));
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     let count = |label: &str| {
@@ -165,25 +191,83 @@ pub fn check(members: &[PathBuf]) -> (bool, u64, Output) {
             l[i + label.len()..].split_whitespace().next()?.parse::<u64>().ok()
         })
     };
-    let n = count("inconsistent stripes:").unwrap_or_else(|| panic!("`nbraid check` printed no `inconsistent stripes: N` line\n{}", show(&o)));
-    (o.status.success(), n + count("blocks failing their checksum:").unwrap_or(0), o)
+    let inconsistent = count("inconsistent stripes:").unwrap_or_else(|| panic!("`nbraid check` printed no `inconsistent stripes: N` line\n{}", show(&o)));
+    let failing = count("blocks failing their checksum:");
+    let without = text.contains("block checksums: none");
+    assert!(
+        failing.is_some() != without,
+        "`nbraid check` should print either `blocks failing their checksum: N` or `block checksums: none`\n{}",
+        show(&o)
+    );
+    CheckCounts { ok: o.status.success(), inconsistent, failing, output: o }
 }
 
-/// Where the data area starts on a member: its superblock's data offset (u64 at byte 88).
-pub fn data_offset(member: &Path) -> u64 {
-    u64::from_le_bytes(read_at(member, 88, 8).try_into().unwrap())
-}
-
-/// `nbraid check` must report 0 inconsistent stripes and exit 0.
+/// `nbraid check` must report 0 inconsistent stripes, 0 blocks failing their checksum and exit 0.
 pub fn check_clean(members: &[PathBuf]) {
-    let (ok, n, o) = check(members);
-    assert!(ok && n == 0, "expected a consistent volume (exit 0, inconsistent stripes: 0)\n{}", show(&o));
+    let c = check_counts(members);
+    assert!(
+        c.ok && c.inconsistent == 0 && c.failing() == 0,
+        "expected a consistent volume (exit 0, inconsistent stripes: 0, blocks failing their checksum: 0)\n{}",
+        show(&c.output)
+    );
 }
 
-/// `nbraid check` must find damage: N > 0 and a non-zero exit.
-pub fn check_dirty(members: &[PathBuf], what: &str) {
-    let (ok, n, o) = check(members);
-    assert!(!ok && n > 0, "after {what}, `nbraid check` should exit non-zero with N > 0\n{}", show(&o));
+/// `nbraid check` must find damage: a non-zero exit, and inconsistent stripes or blocks failing
+/// their checksum (either count > 0).
+pub fn check_dirty(members: &[PathBuf], what: &str) -> CheckCounts {
+    let c = check_counts(members);
+    assert!(
+        !c.ok && (c.inconsistent > 0 || c.failing() > 0),
+        "after {what}, `nbraid check` should exit non-zero with inconsistent stripes or blocks failing their checksum > 0\n{}",
+        show(&c.output)
+    );
+    c
+}
+
+// ------------------------------------------------------------------------------------------
+// the member layout, from its superblock
+
+/// Where a member keeps what (from its superblock, little-endian; see src/meta/superblock.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberLayout {
+    /// u64 at byte 80
+    pub chunk: u64,
+    /// u64 at byte 88: where the data area starts (after the first MiB of metadata, the
+    /// checksum table and the partial-parity log, on a 1 MiB boundary)
+    pub data_offset: u64,
+    /// u64 at byte 96: bytes of data area on each member (whole stripes)
+    pub member_data_bytes: u64,
+    /// u64 at byte 3392: where the checksum table starts, 0 without checksums
+    pub checksum_table: u64,
+}
+
+/// The layout of `member`, from the newest of its two superblock copies (at 0 and 4096) that
+/// has the magic and a good crc32c.
+pub fn member_layout(member: &Path) -> MemberLayout {
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let best = [0u64, 4096]
+        .iter()
+        .map(|&at| read_at(member, at, 4096))
+        .filter(|b| &b[0..8] == b"NBRAIDSB" && crc32c::crc32c(&b[..4092]) == u32::from_le_bytes(b[4092..].try_into().unwrap()))
+        .max_by_key(|b| u64_at(b, 56))
+        .unwrap_or_else(|| panic!("{}: no valid nbraid superblock at 0 or 4096", member.display()));
+    let l = MemberLayout { chunk: u64_at(&best, 80), data_offset: u64_at(&best, 88), member_data_bytes: u64_at(&best, 96), checksum_table: u64_at(&best, 3392) };
+    assert!(
+        l.data_offset >= META && l.data_offset % MIB == 0 && l.chunk > 0 && l.member_data_bytes % l.chunk == 0,
+        "{}: implausible layout in the superblock: {l:?}",
+        member.display()
+    );
+    l
+}
+
+/// Where the data area starts on `member` (superblock: u64 at byte 88).
+pub fn data_offset(member: &Path) -> u64 {
+    member_layout(member).data_offset
+}
+
+/// Bytes of data area on `member` (superblock: u64 at byte 96).
+pub fn member_data_bytes(member: &Path) -> u64 {
+    member_layout(member).member_data_bytes
 }
 
 // ------------------------------------------------------------------------------------------
