@@ -171,17 +171,25 @@ impl Volume {
                 return Ok(false);
             }
             let x = lost[0];
+            // A lost parity shard: the data is all there, so the other parity is recomputed over
+            // the whole chunk, record or not (the record may have been on the lost member).
+            if x >= k && n - k == 1 {
+                return Ok(true);
+            }
             let record = match records.get(&stripe) {
+                _ if x >= k => None,
                 // No record: no write was in flight, the stripe is consistent.
                 None => return Ok(true),
                 // A full-stripe write was changing every row of the lost shard: none of it was
                 // acknowledged, and the survivors encode some version of it.
                 Some((r, _)) if r.full => return Ok(true),
-                Some(r) => r,
+                Some(r) => Some(r),
             };
-            // A lost parity shard: the data is all there; parity is recomputed over the chunk.
-            let (lo, len) = if x >= k { (0, g.chunk) } else { (record.0.lo, record.0.len) };
-            if len == 0 || (x >= k && n - k == 1) {
+            let (lo, len) = match record {
+                Some((r, _)) => (r.lo, r.len),
+                None => (0, g.chunk),
+            };
+            if len == 0 {
                 return Ok(true);
             }
             let pos = self.member_pos(stripe, lo);
@@ -197,8 +205,7 @@ impl Volume {
             }
             let mut shards = reclaim(shards)?;
             let slab = len as usize;
-            if x < k {
-                let (r, pp) = record;
+            if let Some((r, pp)) = record {
                 // The lost data as the survivors encode it (right only where they agree)...
                 let mut classic = shards.to_vec();
                 let mut present = vec![true; n];
