@@ -4,6 +4,7 @@
 //!   fraction of a large volume (`status --json`: `intent.resync_regions` of `intent.regions`);
 //! - every write acknowledged before the kill reads back intact (see below);
 //! - once stopped, `nbraid check` finds every stripe consistent.
+//!
 //! Then the same with one member left out of the restart (a different one each round): the
 //! volume assembles degraded, its resync must mend every dirty stripe (`intent.resync_skipped
 //! == 0`: the partial-parity log), the data is verified through the degraded daemon, on ec 4+2
@@ -32,6 +33,7 @@
 //!    - no rate limit or think time: there fio's nbd engine spins forever once the connection
 //!      is dead (`io_u_quiesce` loops on `nbd_poll: nothing to poll for in state DEAD`). A hang
 //!      guard below fails the round instead of waiting for it.
+//!
 //!    The verify pass must be given `--do_verify=1` or it reads nothing and passes; so each
 //!    pass must have read at least every write its job completed but the last one (from the
 //!    write pass's own JSON report), which also proves the saved state was found and used.
@@ -249,10 +251,7 @@ impl Writer {
         let mut tx = c.s.try_clone().unwrap();
         let mut rx = c.s;
         rx.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let book = Arc::new((
-            Mutex::new(Book { busy: vec![false; WIN_BLOCKS], hist: vec![vec![]; WIN_BLOCKS], ..Default::default() }),
-            Condvar::new(),
-        ));
+        let book = Arc::new((Mutex::new(Book { busy: vec![false; WIN_BLOCKS], hist: vec![vec![]; WIN_BLOCKS], ..Default::default() }), Condvar::new()));
         let b = book.clone();
         let sender = std::thread::spawn(move || {
             let (m, cv) = &*b;
