@@ -110,7 +110,12 @@ fn exercise(l: Level) {
     assert_eq!(layout.chunk, l.chunk, "{}: chunk in the superblock: {layout:?}", l.tag);
     let table_max = 2 * 4096 * (l.member_size / 4096).div_ceil(511);
     let meta_max = META + round_up(table_max + 5 * MIB, MIB);
-    assert!(layout.data_offset <= meta_max, "{}: the data area starts at {}, beyond the {meta_max} its metadata needs at most: {layout:?}", l.tag, layout.data_offset);
+    assert!(
+        layout.data_offset <= meta_max,
+        "{}: the data area starts at {}, beyond the {meta_max} its metadata needs at most: {layout:?}",
+        l.tag,
+        layout.data_offset
+    );
     let room = l.member_size - layout.data_offset;
     assert!(
         layout.member_data_bytes <= room && room - layout.member_data_bytes < l.chunk,

@@ -146,8 +146,13 @@ fn raid5_rebuild_progress_survives_restart() {
     let first_left = seen / MIB; // the checkpoint on disk is at least `seen`
     let left_bound: u64 = (first_left..parts).map(|p| 1 + pages_of_part(p)).sum::<u64>() + 8;
     let from_scratch_min = parts + total.div_ceil(511 * 4096);
-    assert!(left_bound < from_scratch_min, "the test cannot tell a resumed rebuild ({left_bound} writes at most) from one started over (at least {from_scratch_min})");
-    eprintln!("rebuild resumed at {seen} of {total} bytes: {writes} writes to the new member (at most {left_bound}; from the start at least {from_scratch_min})");
+    assert!(
+        left_bound < from_scratch_min,
+        "the test cannot tell a resumed rebuild ({left_bound} writes at most) from one started over (at least {from_scratch_min})"
+    );
+    eprintln!(
+        "rebuild resumed at {seen} of {total} bytes: {writes} writes to the new member (at most {left_bound}; from the start at least {from_scratch_min})"
+    );
     assert!(
         writes <= left_bound,
         "after restart the rebuild wrote {writes} times to the new member, but only {} of {total} bytes were left \

@@ -306,10 +306,6 @@ impl Member {
         let _ = self.checksums.set(checksums::ChecksumTable::new(layout, entries, vec![0; layout.pages() as usize]));
     }
 
-    pub fn has_checksums(&self) -> bool {
-        self.checksums.get().is_some()
-    }
-
     /// While on, a block holding the data from before its last write is accepted (crash recovery).
     pub fn set_checksum_recovery(&self, on: bool) {
         if let Some(t) = self.checksums.get() {
@@ -329,8 +325,9 @@ impl Member {
     /// Whether `block` (4096 bytes at member offset `pos`) is what the checksum table says is
     /// there; true without checksums or for a block of unknown content.
     pub fn checksum_accepts(&self, pos: u64, block: &[u8]) -> bool {
-        match (self.checksums.get(), self.checksums.get().and_then(|t| t.blocks_of(pos, block.len()))) {
-            (Some(t), Some(Ok((first, _)))) => t.accepts(first, csum_fmt::block_crc(block)),
+        let Some(t) = self.checksums.get() else { return true };
+        match t.blocks_of(pos, block.len()) {
+            Some(Ok((first, _))) => t.accepts(first, csum_fmt::block_crc(block)),
             _ => true,
         }
     }

@@ -43,54 +43,30 @@ impl Volume {
         'attempt: loop {
             let h = self.health();
             let readable: Vec<Option<Arc<Member>>> = (0..n).map(|slot| h.readable(slot, stripe, &self.progress).cloned()).collect();
-            let bufs: Vec<Arc<AlignedBuf>> = (0..n).map(|_| Arc::new(AlignedBuf::zeroed(len as usize))).collect();
-            let reads = readable.iter().zip(&bufs).filter_map(|(m, b)| m.as_ref().map(|m| member_read(m, pos, b, 0, len)));
-            let faults = faults_of(reads.collect::<Vec<_>>()).await;
+            let Some((bufs, damage)) = self.read_rows(&readable, pos, len).await else { continue 'attempt };
+            let mut bufs: Vec<AlignedBuf> = bufs.into_iter().map(reclaim).collect::<Result<_, _>>()?;
             // Per slot: damaged block indexes within the range.
             let mut bad: Vec<Vec<u64>> = vec![Vec::new(); n];
-            for f in faults {
-                match &f.error {
-                    MemberError::Checksum { bad: positions, .. } => {
-                        if let Some((slot, _)) = h.slot_of(&f.member) {
-                            bad[slot] = positions.iter().map(|p| (p - pos) / BLOCK).collect();
-                        }
-                    }
-                    _ => {
-                        self.member_failed(&f.member, &f.error).await;
-                        continue 'attempt;
-                    }
+            for f in &damage {
+                if let Some((slot, _)) = h.slot_of(&f.member) {
+                    bad[slot] = damaged_positions(f).iter().map(|p| (p - pos) / BLOCK).collect();
                 }
             }
-            let mut bufs: Vec<AlignedBuf> = bufs.into_iter().map(reclaim).collect::<Result<_, _>>()?;
-            let mut out = Healed::default();
+            let rows: std::collections::BTreeSet<u64> = bad.iter().flatten().copied().collect();
             let mut rewrites: Vec<(usize, u64)> = Vec::new();
-            for slot in 0..n {
-                for &row in &bad[slot] {
-                    if rewrites.contains(&(slot, row)) {
-                        continue;
-                    }
-                    out.damaged += 1;
-                    let fixed = match g.level {
-                        Level::Raid0 => Vec::new(),
-                        Level::Raid1 => self.heal_mirror_row(&readable, &bad, &mut bufs, row),
-                        Level::Raid5 | Level::Ec => self.heal_parity_row(stripe, &readable, &bad, &mut bufs, row, pos)?,
-                    };
-                    if !fixed.contains(&slot) {
-                        out.unrepairable += 1;
-                    }
-                    for s in fixed {
-                        if s != slot && !rewrites.contains(&(s, row)) {
-                            out.damaged += 1; // another damaged block of the row, fixed with it
-                        }
-                        rewrites.push((s, row));
-                    }
-                }
+            for row in rows {
+                let fixed = match g.level {
+                    Level::Raid0 => Vec::new(),
+                    Level::Raid1 => self.heal_mirror_row(&readable, &bad, &mut bufs, row),
+                    Level::Raid5 | Level::Ec => self.heal_parity_row(stripe, &readable, &bad, &mut bufs, row, pos)?,
+                };
+                rewrites.extend(fixed.into_iter().map(|slot| (slot, row)));
             }
-            rewrites.sort_unstable();
-            rewrites.dedup();
+            let damaged = bad.iter().map(|b| b.len() as u64).sum::<u64>();
+            let healed = |repaired: u64| Healed { damaged, repaired, unrepairable: damaged - repaired };
             if rewrites.is_empty() {
                 self.note_heal(&readable, &bad, &rewrites, stripe);
-                return Ok(out);
+                return Ok(healed(0));
             }
             let _marked = self.intent.mark(stripe, stripe).await;
             let bufs: Vec<Arc<AlignedBuf>> = bufs.into_iter().map(Arc::new).collect();
@@ -106,10 +82,29 @@ impl Volume {
                 self.fail_all_io(faults).await;
                 continue 'attempt;
             }
-            out.repaired = rewrites.len() as u64;
             self.note_heal(&readable, &bad, &rewrites, stripe);
-            return Ok(out);
+            return Ok(healed(rewrites.len() as u64));
         }
+    }
+
+    /// Reads [pos, pos + len) of every member in `readable` (one buffer per slot, zeros for a
+    /// lost one). Checksum damage is returned with the buffers; `None` if a member failed
+    /// instead (it has been failed: read again with what is left).
+    pub(super) async fn read_rows(&self, readable: &[Option<Arc<Member>>], pos: u64, len: u64) -> Option<(Vec<Arc<AlignedBuf>>, Vec<Fault>)> {
+        let bufs: Vec<Arc<AlignedBuf>> = readable.iter().map(|_| Arc::new(AlignedBuf::zeroed(len as usize))).collect();
+        let reads = readable.iter().zip(&bufs).filter_map(|(m, b)| m.as_ref().map(|m| member_read(m, pos, b, 0, len)));
+        let (damage, io): (Vec<Fault>, Vec<Fault>) = faults_of(reads.collect::<Vec<_>>()).await.into_iter().partition(|f| f.error.is_checksum());
+        if !io.is_empty() {
+            self.fail_all_io(io).await;
+            return None;
+        }
+        Some((bufs, damage))
+    }
+
+    /// The stripe and the offset within its chunk of a member offset in the data area.
+    pub(super) fn stripe_of(&self, member_pos: u64) -> (u64, u64) {
+        let rel = member_pos - self.data_offset;
+        (rel / self.geometry.chunk, rel % self.geometry.chunk)
     }
 
     /// Counts and logs, per member, the damage found and the blocks rewritten.
@@ -190,7 +185,7 @@ impl Volume {
         self.fail_all_io(io).await;
         let healed = self.heal_damage(&damage).await?;
         if healed.unrepairable > 0 {
-            let stripe = damage.iter().flat_map(damaged_positions).next().map(|p| (p - self.data_offset) / self.geometry.chunk).unwrap_or(0);
+            let stripe = damage.iter().flat_map(damaged_positions).next().map_or(0, |p| self.stripe_of(p).0);
             return Err(VolumeError::Corrupt { stripe });
         }
         Ok(healed)
@@ -198,14 +193,7 @@ impl Volume {
 
     /// Heals every block that `damage` (checksum faults) names. Caller holds the stripe locks.
     pub(super) async fn heal_damage(&self, damage: &[Fault]) -> Result<Healed, VolumeError> {
-        let mut blocks: Vec<(u64, u64)> = damage
-            .iter()
-            .flat_map(damaged_positions)
-            .map(|p| {
-                let rel = p - self.data_offset;
-                (rel / self.geometry.chunk, rel % self.geometry.chunk)
-            })
-            .collect();
+        let mut blocks: Vec<(u64, u64)> = damage.iter().flat_map(damaged_positions).map(|p| self.stripe_of(p)).collect();
         blocks.sort_unstable();
         blocks.dedup();
         let mut total = Healed::default();

@@ -9,7 +9,7 @@
 //! repairs over a concurrent write.
 
 use super::heal::{damaged_positions, Healed};
-use super::io::{faults_of, member_read, member_write, reclaim, Fault};
+use super::io::{faults_of, member_write, reclaim, Fault};
 use super::status::ScrubStatus;
 use super::{Volume, VolumeError};
 use crate::buf::{AlignedBuf, ALIGN};
@@ -217,20 +217,14 @@ impl Volume {
         let last = first + batch - 1;
         // Slots readable for the whole batch; a slot rebuilding mid-batch counts as lost here.
         let readable: Vec<Option<_>> = (0..n).map(|j| h.readable(j, last, &self.progress).cloned()).collect();
-        let bufs: Vec<Arc<AlignedBuf>> = (0..n).map(|_| Arc::new(AlignedBuf::zeroed(len as usize))).collect();
-        let reads = readable.iter().zip(&bufs).filter_map(|(m, b)| m.as_ref().map(|m| member_read(m, pos, b, 0, len)));
-        let (damage, io): (Vec<Fault>, Vec<Fault>) = faults_of(reads.collect::<Vec<_>>()).await.into_iter().partition(|f| f.error.is_checksum());
-        if !io.is_empty() {
-            self.fail_all_io(io).await;
-            return Ok(None);
-        }
+        let Some((mut bufs, damage)) = self.read_rows(&readable, pos, len).await else { return Ok(None) };
         let mut result = BatchResult {
             verdicts: Vec::with_capacity(batch as usize),
             healed: Healed::default(),
             blocks: readable.iter().flatten().count() as u64 * len / ALIGN as u64,
         };
-        let mut damaged_stripes: BTreeSet<u64> = damage.iter().flat_map(damaged_positions).map(|p| (p - self.data_offset) / g.chunk).collect();
-        let mut bufs = bufs;
+        let stripes_of = |damage: &[Fault]| -> BTreeSet<u64> { damage.iter().flat_map(damaged_positions).map(|p| self.stripe_of(p).0).collect() };
+        let mut damaged_stripes = stripes_of(&damage);
         if !repair {
             for f in &damage {
                 let found = damaged_positions(f).len() as u64;
@@ -242,14 +236,9 @@ impl Volume {
             result.healed = self.heal_damage(&damage).await?;
             // Healed blocks hold old or new data (after a crash either is right), and the
             // parity of their rows must now be checked like any other: read the batch again.
-            bufs = (0..n).map(|_| Arc::new(AlignedBuf::zeroed(len as usize))).collect();
-            let reads = readable.iter().zip(&bufs).filter_map(|(m, b)| m.as_ref().map(|m| member_read(m, pos, b, 0, len)));
-            let (damage, io): (Vec<Fault>, Vec<Fault>) = faults_of(reads.collect::<Vec<_>>()).await.into_iter().partition(|f| f.error.is_checksum());
-            if !io.is_empty() {
-                self.fail_all_io(io).await;
-                return Ok(None);
-            }
-            damaged_stripes = damage.iter().flat_map(damaged_positions).map(|p| (p - self.data_offset) / g.chunk).collect();
+            let Some((again, damage)) = self.read_rows(&readable, pos, len).await else { return Ok(None) };
+            bufs = again;
+            damaged_stripes = stripes_of(&damage);
         }
         let mut bufs: Vec<AlignedBuf> = bufs.into_iter().map(reclaim).collect::<Result<_, _>>()?;
         // Per slot, the stripes of this batch that repair rewrote.

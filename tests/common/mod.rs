@@ -194,11 +194,7 @@ pub fn check_counts(members: &[PathBuf]) -> CheckCounts {
     let inconsistent = count("inconsistent stripes:").unwrap_or_else(|| panic!("`nbraid check` printed no `inconsistent stripes: N` line\n{}", show(&o)));
     let failing = count("blocks failing their checksum:");
     let without = text.contains("block checksums: none");
-    assert!(
-        failing.is_some() != without,
-        "`nbraid check` should print either `blocks failing their checksum: N` or `block checksums: none`\n{}",
-        show(&o)
-    );
+    assert!(failing.is_some() != without, "`nbraid check` should print either `blocks failing their checksum: N` or `block checksums: none`\n{}", show(&o));
     CheckCounts { ok: o.status.success(), inconsistent, failing, output: o }
 }
 
@@ -251,9 +247,10 @@ pub fn member_layout(member: &Path) -> MemberLayout {
         .filter(|b| &b[0..8] == b"NBRAIDSB" && crc32c::crc32c(&b[..4092]) == u32::from_le_bytes(b[4092..].try_into().unwrap()))
         .max_by_key(|b| u64_at(b, 56))
         .unwrap_or_else(|| panic!("{}: no valid nbraid superblock at 0 or 4096", member.display()));
-    let l = MemberLayout { chunk: u64_at(&best, 80), data_offset: u64_at(&best, 88), member_data_bytes: u64_at(&best, 96), checksum_table: u64_at(&best, 3392) };
+    let l =
+        MemberLayout { chunk: u64_at(&best, 80), data_offset: u64_at(&best, 88), member_data_bytes: u64_at(&best, 96), checksum_table: u64_at(&best, 3392) };
     assert!(
-        l.data_offset >= META && l.data_offset % MIB == 0 && l.chunk > 0 && l.member_data_bytes % l.chunk == 0,
+        l.data_offset >= META && l.data_offset.is_multiple_of(MIB) && l.chunk > 0 && l.member_data_bytes.is_multiple_of(l.chunk),
         "{}: implausible layout in the superblock: {l:?}",
         member.display()
     );
