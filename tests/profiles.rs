@@ -7,7 +7,18 @@ use common::*;
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROFILES: [&str; 6] = ["randread-4k.fio", "randwrite-4k.fio", "seqread-1m.fio", "seqwrite-1m.fio", "mixed-70-30.fio", "verify.fio"];
+const PROFILES: [&str; 10] = [
+    "prefill.fio",
+    "randread-4k-qd32.fio",
+    "randread-4k-qd1.fio",
+    "randwrite-4k-qd32.fio",
+    "randwrite-4k-qd1.fio",
+    "seqread-1m-qd8.fio",
+    "seqwrite-1m-qd8.fio",
+    "mixed-70-30.fio",
+    "randread-4k-4conn.fio",
+    "verify.fio",
+];
 
 fn profile(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fio-profiles").join(name)

@@ -3,8 +3,9 @@
 # partial-parity log (write-hole log) on, with checksums off, and with both off. Prints the
 # median IOPS of REPEATS interleaved runs and each configuration's ratio to "both off".
 #
-#   bash tools/bench-integrity.sh                    # raid5 x4, randwrite-4k seqwrite-1m randread-4k
-#   REPEATS=5 RUNTIME=10 bash tools/bench-integrity.sh randwrite-4k
+#   bash tools/bench-integrity.sh                    # raid5 x4, randwrite-4k-qd32 seqwrite-1m-qd8
+#                                                    # randread-4k-qd32
+#   REPEATS=5 RUNTIME=10 bash tools/bench-integrity.sh randwrite-4k-qd32
 #   LEVEL="ec --data 4 --parity 2" MEMBERS=6 bash tools/bench-integrity.sh
 #
 # The write-intent bitmap has no off switch; its cost is one msync per first write to a clean
@@ -20,7 +21,7 @@ MEMBER_SIZE=${MEMBER_SIZE:-512MiB}
 REPEATS=${REPEATS:-3}
 RUNTIME=${RUNTIME:-8}
 PROFILES=("$@")
-[ ${#PROFILES[@]} -eq 0 ] && PROFILES=(randwrite-4k seqwrite-1m randread-4k)
+[ ${#PROFILES[@]} -eq 0 ] && PROFILES=(randwrite-4k-qd32 seqwrite-1m-qd8 randread-4k-qd32)
 
 for t in fio nbdinfo python3; do
     command -v "$t" >/dev/null || { echo "bench-integrity.sh: $t not found (apt-get install -y fio libnbd-bin python3)" >&2; exit 1; }
@@ -47,7 +48,14 @@ serve() { # config -> starts the daemon on $WORK/$config/sock
     fi
     "$BIN" serve --listen "unix:$dir/sock" "${members[@]}" 2>>"$dir/log" &
     PID=$!
-    for _ in $(seq 300); do [ -S "$dir/sock" ] && return 0; sleep 0.1; done
+    for _ in $(seq 300); do
+        if [ -S "$dir/sock" ]; then
+            # Written once, so that reads reach the disk rather than never-written blocks.
+            [ -e "$dir/filled" ] || { NBD_URI="nbd+unix:///?socket=$dir/sock" fio fio-profiles/prefill.fio >/dev/null && touch "$dir/filled"; }
+            return 0
+        fi
+        sleep 0.1
+    done
     echo "bench-integrity.sh: daemon for $c never listened" >&2
     cat "$dir/log" >&2
     exit 1

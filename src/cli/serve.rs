@@ -247,7 +247,7 @@ fn print_demo_help(name: &str, listen: &[ListenAddr]) {
          \x20   nbdfuse /tmp/nbraid-fuse {uri} &\n\
          \x20   LOOP=$(losetup -f --show /tmp/nbraid-fuse/nbd)\n\
          \x20   mkfs.ext4 -q $LOOP && mount $LOOP /mnt/nbraid\n\
-         \n  benchmark:  NBD_URI={uri} fio fio-profiles/randread-4k.fio\n\
+         \n  benchmark:  NBD_URI={uri} fio fio-profiles/randread-4k-qd32.fio\n\
          \n  offline check (after stopping): nbraid check {DEMO_DIR}/m*\n\
          \nStop with Ctrl-C (drains in-flight requests and flushes members).\n"
     );
