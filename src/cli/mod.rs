@@ -103,7 +103,11 @@ pub fn main() -> i32 {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("nbraid").build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Serve(args) = &cli.command {
+        builder.worker_threads(args.worker_threads());
+    }
+    let runtime = match builder.enable_all().thread_name("nbraid").build() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };

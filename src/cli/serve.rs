@@ -30,11 +30,25 @@ pub struct ServeArgs {
     /// Admin socket for `nbraid status`, `fail`, `add`, `replace`, `rebuild`.
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Threads that serve requests. Default: half the cores, at least one. On few cores the
+    /// cost that dominates is handing requests between threads, not running them, and the NBD
+    /// clients need the other cores.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     /// Accept `nbraid fault` requests on the control socket (tests only).
     #[arg(long, hide = true)]
     allow_fault_injection: bool,
     /// The volume's member files or devices, in any order. None at all: the demo volume.
     members: Vec<PathBuf>,
+}
+
+impl ServeArgs {
+    pub fn worker_threads(&self) -> usize {
+        match self.threads {
+            Some(n) => usize::from(n),
+            None => (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1),
+        }
+    }
 }
 
 /// The volume as the NBD server sees it.
