@@ -135,6 +135,8 @@ struct Ring {
     inflight: InFlight,
     /// Operations waiting for room in the kernel (more than MAX_IN_FLIGHT submitted at once).
     backlog: VecDeque<Op>,
+    /// SQEs are queued and the deferred submitter has been told to push them to the kernel.
+    submit_scheduled: bool,
 }
 
 impl Ring {
@@ -215,6 +217,8 @@ struct Shared {
     ring: Mutex<Ring>,
     stopping: AtomicBool,
     stop: Notify,
+    /// Wakes [`submit_deferred`].
+    submit_due: Notify,
 }
 
 impl Shared {
@@ -241,19 +245,37 @@ impl Engine {
         };
         let shared = Arc::new(Shared {
             fd,
-            ring: Mutex::new(Ring { ring, inflight: InFlight { slots: Vec::new(), free: Vec::new(), count: 0 }, backlog: VecDeque::new() }),
+            ring: Mutex::new(Ring {
+                ring,
+                inflight: InFlight { slots: Vec::new(), free: Vec::new(), count: 0 },
+                backlog: VecDeque::new(),
+                submit_scheduled: false,
+            }),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
+            submit_due: Notify::new(),
         });
         runtime.spawn(reap_completions(shared.clone()));
+        runtime.spawn(submit_deferred(shared.clone()));
         Ok(Arc::new(Engine { shared }))
     }
 
+    /// Queues one operation. With nothing else in flight it goes to the kernel at once (the
+    /// latency of a lone request); otherwise the SQE waits for [`submit_deferred`], which runs
+    /// after the tasks that are ready now, so a burst of requests shares one `io_uring_enter`.
+    /// `perf` showed one `io_uring_enter` per 4 KiB read at queue depth 32 before this.
     fn submit(&self, file: Arc<File>, kind: OpKind) -> oneshot::Receiver<i32> {
         let (done, rx) = oneshot::channel();
         let mut ring = self.shared.lock();
+        let idle = ring.inflight.count == 0;
         if ring.enqueue(Op { file, kind, done }) {
-            ring.submit();
+            if idle {
+                ring.submit();
+            } else if !ring.submit_scheduled {
+                ring.submit_scheduled = true;
+                drop(ring);
+                self.shared.submit_due.notify_one();
+            }
         }
         rx
     }
@@ -287,6 +309,22 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.stop.notify_one();
+        self.shared.submit_due.notify_one();
+    }
+}
+
+/// Pushes queued SQEs to the kernel once the tasks that are ready have had their turn.
+async fn submit_deferred(shared: Arc<Shared>) {
+    loop {
+        shared.submit_due.notified().await;
+        // yield_now runs after every task that is ready now: their SQEs join this submit.
+        tokio::task::yield_now().await;
+        let mut ring = shared.lock();
+        ring.submit_scheduled = false;
+        ring.submit();
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
     }
 }
 
