@@ -9,6 +9,7 @@
 //! every few seconds, so a restarted daemon resumes where it was.
 
 use super::health::Health;
+use super::locks::StripeGuard;
 use super::io::{faults_of, member_read, member_write, reclaim, Fault};
 use super::{Volume, VolumeError};
 use crate::buf::{AlignedBuf, BufPool};
@@ -94,6 +95,16 @@ impl From<VolumeError> for BatchError {
     }
 }
 
+/// A batch read for the new member, waiting for its write; it keeps its stripes locked.
+struct ReadBatch<'a> {
+    first: u64,
+    end: u64,
+    target: Arc<Member>,
+    guards: Vec<StripeGuard<'a>>,
+    /// Per part: its first stripe and the new member's data.
+    bufs: Vec<(u64, AlignedBuf)>,
+}
+
 /// Paces writes to a rate.
 struct Pacer {
     next: Instant,
@@ -158,62 +169,150 @@ impl Volume {
 
     /// Runs one slot's rebuild to its end (done, aborted or impossible). Returns false when
     /// rebuilding cannot go on at all (too few members left, or stopping).
+    ///
+    /// Two batches are in flight at once: while batch N is written to the new member, batch
+    /// N+1 is read (and reconstructed) from the others, each under its own stripe locks. Done
+    /// one after the other, reads and writes left each disk idle half the time (the rebuild ran
+    /// at ~0.2x the raw write speed). The checkpoint only ever moves past a batch that has been
+    /// written, in order.
     async fn rebuild_slot(&self, slot: usize) -> bool {
         let stripes = self.geometry.stripes;
         let part_stripes = (PART_BYTES / self.geometry.chunk).max(1);
         self.rebuild.start_run(slot, self.progress.get(slot));
         let mut pacer = Pacer { next: Instant::now() };
-        let mut pools: Vec<BufPool> = (0..PARALLEL).map(|_| BufPool::default()).collect();
+        // Two sets of buffers: one for the batch being written, one for the batch being read.
+        let mut pools: [Vec<BufPool>; 2] = [(0..PARALLEL).map(|_| BufPool::default()).collect(), (0..PARALLEL).map(|_| BufPool::default()).collect()];
         let mut persisted = Instant::now();
+        // The batch that has been read and awaits its write.
+        let mut ready: Option<ReadBatch<'_>> = None;
         let outcome = loop {
             if self.rebuild.stopping.load(Ordering::SeqCst) {
                 break false;
             }
-            let done = self.progress.get(slot);
+            let committed = self.progress.get(slot);
             let Some((target, _)) = self.rebuild_target(&self.health(), slot) else { break true };
-            if done >= stripes {
-                self.finish_rebuild(slot, &target).await;
-                break true;
-            }
-            let batch = (part_stripes * PARALLEL as u64).min(stripes - done);
-            let guards = self.locks.lock_all(done..done + batch).await;
-            // Membership may have changed while waiting for the locks.
-            let h = self.health();
-            let Some((now_target, source)) = self.rebuild_target(&h, slot) else { break true };
-            if !Arc::ptr_eq(&now_target, &target) || self.progress.get(slot) != done {
+            if ready.as_ref().is_some_and(|r| r.first != committed || !Arc::ptr_eq(&r.target, &target)) {
+                // The checkpoint or the member moved under us (a re-add): start again from it.
+                ready = None;
                 continue;
             }
-            let parts = (done..done + batch).step_by(part_stripes as usize).map(|s| (s, part_stripes.min(done + batch - s)));
-            let runs = parts.zip(pools.iter_mut()).map(|(part, pool)| self.rebuild_batch(&h, slot, &target, source.clone(), part, pool));
-            let (mut faults, mut fatal) = (Vec::new(), None);
-            for r in join_all(runs).await {
-                match r {
-                    Ok(()) => {}
-                    Err(BatchError::Faults(f)) => faults.extend(f),
-                    Err(BatchError::Volume(e)) => fatal = Some(e),
+            let next = ready.as_ref().map_or(committed, |r| r.end);
+            let batch = (part_stripes * PARALLEL as u64).min(stripes - next);
+            let [read_pools, write_pools] = &mut pools;
+            let read = async {
+                if batch == 0 {
+                    return Ok(None);
+                }
+                let guards = self.locks.lock_all(next..next + batch).await;
+                // Membership may have changed while waiting for the locks.
+                let h = self.health();
+                let Some((now_target, source)) = self.rebuild_target(&h, slot) else { return Ok(None) };
+                if !Arc::ptr_eq(&now_target, &target) {
+                    return Ok(None);
+                }
+                let parts: Vec<(u64, u64)> = (next..next + batch).step_by(part_stripes as usize).map(|s| (s, part_stripes.min(next + batch - s))).collect();
+                let runs = parts.iter().zip(read_pools.iter_mut()).map(|(&part, pool)| self.read_part(&h, slot, source.clone(), part, pool));
+                let mut bufs = Vec::new();
+                let mut faults = Vec::new();
+                for (r, part) in join_all(runs).await.into_iter().zip(&parts) {
+                    match r {
+                        Ok(buf) => bufs.push((part.0, buf)),
+                        Err(BatchError::Faults(f)) => faults.extend(f),
+                        Err(BatchError::Volume(e)) => return Err(BatchError::Volume(e)),
+                    }
+                }
+                if !faults.is_empty() {
+                    bufs.into_iter().zip(read_pools.iter_mut()).for_each(|((_, b), pool)| pool.give(b));
+                    return Err(BatchError::Faults(faults));
+                }
+                Ok(Some(ReadBatch { first: next, end: next + batch, target: target.clone(), guards, bufs }))
+            };
+            let write = async {
+                match ready.take() {
+                    None => Ok(None),
+                    Some(r) => {
+                        let writes = r.bufs.into_iter().zip(write_pools.iter_mut()).map(|((first, buf), pool)| self.write_part(&r.target, first, buf, pool));
+                        let mut faults = Vec::new();
+                        for w in join_all(writes).await {
+                            match w {
+                                Ok(()) => {}
+                                Err(BatchError::Faults(f)) => faults.extend(f),
+                                Err(BatchError::Volume(e)) => return Err(BatchError::Volume(e)),
+                            }
+                        }
+                        if faults.is_empty() {
+                            Ok(Some((r.first, r.end, r.guards)))
+                        } else {
+                            Err(BatchError::Faults(faults))
+                        }
+                    }
+                }
+            };
+            // Throttled, the next batch is read only after the pause, so no stripes stay locked
+            // while the rebuild sleeps; unthrottled, it is read while the last one is written.
+            let throttled = self.rebuild.max_rate().is_some();
+            let mut reading = Box::pin(read);
+            let (written, early) = if throttled {
+                (write.await, None)
+            } else {
+                let (w, r) = futures::join!(write, reading.as_mut());
+                (w, Some(r))
+            };
+            // Commit the written batch first: the checkpoint follows the write order.
+            let mut faults = Vec::new();
+            match written {
+                Ok(Some((first, end, guards))) => {
+                    if self.progress.get(slot) == first {
+                        self.progress.set(slot, end);
+                    }
+                    drop(guards);
+                    pacer.pace((end - first) * self.geometry.chunk, &self.rebuild).await;
+                }
+                Ok(None) => {}
+                Err(BatchError::Faults(f)) => faults.extend(f),
+                Err(BatchError::Volume(e)) => {
+                    tracing::error!("rebuild of slot {slot} stopped: {e}");
+                    break false;
                 }
             }
-            if let Some(e) = fatal {
-                tracing::error!("rebuild of slot {slot} stopped: {e}");
-                break false;
+            let read = match early {
+                Some(r) => r,
+                None if faults.is_empty() => reading.as_mut().await,
+                None => Ok(None),
+            };
+            drop(reading);
+            // The buffers just written are the next read's.
+            pools.swap(0, 1);
+            match read {
+                Ok(Some(r)) if faults.is_empty() => ready = Some(r),
+                // The write failed: its batch is redone, so the one read after it goes too.
+                Ok(Some(r)) => drop(r),
+                Ok(None) => {
+                    if batch == 0 && faults.is_empty() && self.progress.get(slot) >= stripes {
+                        self.finish_rebuild(slot, &target).await;
+                        break true;
+                    }
+                }
+                Err(BatchError::Faults(f)) => faults.extend(f),
+                Err(BatchError::Volume(e)) => {
+                    tracing::error!("rebuild of slot {slot} stopped: {e}");
+                    break false;
+                }
             }
             if !faults.is_empty() {
-                // Damaged source blocks are healed under the batch's locks, then the batch redone.
-                let settled = self.settle_faults(faults).await;
-                drop(guards);
-                if let Err(e) = settled {
+                // Damaged source blocks are healed (a failed member is failed), then the rebuild
+                // goes on from the checkpoint, reading again what it had read.
+                ready = None;
+                if let Err(e) = self.settle_faults(faults).await {
                     tracing::error!("rebuild of slot {slot} stopped: {e}");
                     break false;
                 }
                 continue;
             }
-            self.progress.set(slot, done + batch);
-            drop(guards);
             if persisted.elapsed() >= PERSIST_EVERY {
                 self.persist_progress().await;
                 persisted = Instant::now();
             }
-            pacer.pace(batch * self.geometry.chunk, &self.rebuild).await;
         };
         self.rebuild.end_run(slot);
         outcome
@@ -229,33 +328,31 @@ impl Volume {
         }
     }
 
-    async fn rebuild_batch(
-        &self,
-        h: &Health,
-        slot: usize,
-        target: &Arc<Member>,
-        source: Source,
-        batch: (u64, u64),
-        pool: &mut BufPool,
-    ) -> Result<(), BatchError> {
-        let (first, count) = batch;
-        let len = count * self.geometry.chunk;
-        let pos = self.member_pos(first, 0);
-        let data = match source {
+    /// The new member's data for stripes [first, first + count): copied from the member being
+    /// replaced, or reconstructed from the others.
+    async fn read_part(&self, h: &Health, slot: usize, source: Source, part: (u64, u64), pool: &mut BufPool) -> Result<AlignedBuf, BatchError> {
+        let (first, count) = part;
+        match source {
             Source::Copy(old) => {
+                let len = count * self.geometry.chunk;
                 let buf = Arc::new(pool.take(len as usize));
-                let read = member_read(&old, pos, &buf, 0, len).await;
+                let read = member_read(&old, self.member_pos(first, 0), &buf, 0, len).await;
                 let buf = reclaim(buf)?;
                 if let Err(f) = read {
                     pool.give(buf);
                     return Err(BatchError::Faults(vec![f]));
                 }
-                buf
+                Ok(buf)
             }
-            Source::Redundancy => self.reconstruct_batch(h, slot, first, count, pool).await?,
-        };
+            Source::Redundancy => self.reconstruct_batch(h, slot, first, count, pool).await,
+        }
+    }
+
+    /// Writes one part of a batch to the new member; the buffer goes back to `pool`.
+    async fn write_part(&self, target: &Arc<Member>, first: u64, data: AlignedBuf, pool: &mut BufPool) -> Result<(), BatchError> {
+        let len = data.len() as u64;
         let data = Arc::new(data);
-        let written = member_write(target, pos, &data, 0, len).await;
+        let written = member_write(target, self.member_pos(first, 0), &data, 0, len).await;
         pool.give(reclaim(data)?);
         written.map_err(|f| BatchError::Faults(vec![f]))
     }
