@@ -35,11 +35,23 @@ pub struct ServeArgs {
     /// clients need the other cores.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
+    /// Request data (WRITE payloads, READ results) held in memory at once across all clients;
+    /// a client that would go beyond it waits (backpressure). Each connection gets at most half.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_buffer_size)]
+    max_buffered: u64,
     /// Accept `nbraid fault` requests on the control socket (tests only).
     #[arg(long, hide = true)]
     allow_fault_injection: bool,
     /// The volume's member files or devices, in any order. None at all: the demo volume.
     members: Vec<PathBuf>,
+}
+
+fn parse_buffer_size(s: &str) -> Result<u64, String> {
+    let n = super::size::parse_size(s)?;
+    if !(1 << 20..=1 << 40).contains(&n) {
+        return Err("must be between 1MiB and 1TiB".into());
+    }
+    Ok(n)
 }
 
 impl ServeArgs {
@@ -173,7 +185,9 @@ pub async fn run(args: ServeArgs) -> Result<i32, String> {
         Some(path) => Some(ControlServer::bind(path).await.map_err(|e| format!("control socket {}: {e}", path.display()))?),
         None => None,
     };
-    let config = ServerConfig::new(volume.name().to_string());
+    let mut config = ServerConfig::new(volume.name().to_string());
+    config.max_server_bytes = args.max_buffered as usize;
+    config.max_in_flight_bytes = config.max_in_flight_bytes.min(config.max_server_bytes / 2).max(1 << 20);
     let device = Arc::new(VolumeDevice(volume.clone()));
     let server = nbd::Server::bind(device, config, &listen).await.map_err(|e| format!("cannot listen: {e}"))?;
     volume.start_background();

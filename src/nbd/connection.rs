@@ -50,6 +50,8 @@ pub(crate) struct ConnContext<D> {
     pub export: Arc<ExportInfo>,
     pub max_in_flight: u32,
     pub max_in_flight_bytes: u32,
+    /// Payload bytes in flight across every connection of the server.
+    pub server_bytes: ByteBudget,
     /// Becomes `true` once the server is shutting down.
     pub shutdown: watch::Receiver<bool>,
     /// See `ServerConfig::shutdown_grace`.
@@ -69,12 +71,32 @@ impl<D> Clone for ConnContext<D> {
             export: self.export.clone(),
             max_in_flight: self.max_in_flight,
             max_in_flight_bytes: self.max_in_flight_bytes,
+            server_bytes: self.server_bytes.clone(),
             shutdown: self.shutdown.clone(),
             shutdown_grace: self.shutdown_grace,
             handshake_timeout: self.handshake_timeout,
             counters: self.counters.clone(),
             alive: self.alive.clone(),
         }
+    }
+}
+
+/// A byte budget shared by several connections.
+#[derive(Clone)]
+pub(crate) struct ByteBudget {
+    permits: Arc<Semaphore>,
+    max: u32,
+}
+
+impl ByteBudget {
+    pub fn new(max: usize) -> Self {
+        let max = max.clamp(1, u32::MAX as usize >> 3) as u32;
+        ByteBudget { permits: Arc::new(Semaphore::new(max as usize)), max }
+    }
+
+    /// Waits until `bytes` (capped at the whole budget, so any single request can run) fit.
+    async fn acquire(&self, bytes: u32) -> io::Result<OwnedSemaphorePermit> {
+        self.permits.clone().acquire_many_owned(bytes.min(self.max)).await.map_err(|_| io::Error::other("byte budget semaphore closed"))
     }
 }
 
@@ -276,14 +298,17 @@ where
         }
 
         // Semaphores are never closed, so acquisition only fails if that invariant is broken.
-        let mut permits = Vec::with_capacity(2);
+        let mut permits = Vec::with_capacity(3);
         permits.push(in_flight.clone().acquire_owned().await.map_err(|_| io::Error::other("in-flight semaphore closed"))?);
         let cost = match req.command {
             Command::Read | Command::Write => req.length.min(ctx.max_in_flight_bytes),
             _ => 0,
         };
         if cost > 0 {
+            // Per connection first: a connection at its own limit must not hold server-wide
+            // room while it waits.
             permits.push(bytes_budget.clone().acquire_many_owned(cost).await.map_err(|_| io::Error::other("byte budget semaphore closed"))?);
+            permits.push(ctx.server_bytes.acquire(cost).await?);
         }
 
         let device = ctx.device.clone();

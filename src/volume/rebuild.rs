@@ -9,8 +9,8 @@
 //! every few seconds, so a restarted daemon resumes where it was.
 
 use super::health::Health;
-use super::locks::StripeGuard;
 use super::io::{faults_of, member_read, member_write, reclaim, Fault};
+use super::locks::StripeGuard;
 use super::{Volume, VolumeError};
 use crate::buf::{AlignedBuf, BufPool};
 use crate::layout::Level;
