@@ -99,8 +99,16 @@ impl ChecksumTable {
         for (i, &crc) in crcs.iter().enumerate() {
             let b = first + i as u64;
             let e = &mut entries[b as usize];
-            // A block of unknown content has no previous version worth accepting.
-            let previous = if *e == fmt::UNKNOWN { crc } else { e.current };
+            // A block of unknown content has no previous version worth accepting. Recording the
+            // current content again (a write retried after a member failed) keeps the previous
+            // version: the block may still hold it.
+            let previous = if *e == fmt::UNKNOWN {
+                crc
+            } else if e.current == crc {
+                e.previous
+            } else {
+                e.current
+            };
             *e = Entry { current: crc, previous };
             let page = b / ENTRIES_PER_PAGE;
             if out.last().is_none_or(|p| p.page != page) {

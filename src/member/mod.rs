@@ -239,12 +239,26 @@ impl Member {
     /// Writes exactly `buf.len()` bytes at `offset`. In the checksummed data area the blocks'
     /// new checksums are made durable in the table first.
     pub async fn write_at(&self, offset: u64, buf: BufRange) -> Result<(), MemberError> {
+        self.prepare_write(offset, &buf).await?;
+        self.write_prepared(offset, buf).await
+    }
+
+    /// The first half of [`Member::write_at`]: records the checksums of the data about to be
+    /// written and makes their table pages durable. Split out so a caller can overlap it with
+    /// other writes that must also precede the data (the stripe's partial-parity record).
+    pub async fn prepare_write(&self, offset: u64, buf: &BufRange) -> Result<(), MemberError> {
         if let (Some(t), Some((first, _))) = (self.checksums.get(), self.checksummed("write", offset, buf.len())?) {
             let crcs: Vec<u32> = buf.bytes().chunks(csum_fmt::BLOCK as usize).map(csum_fmt::block_crc).collect();
             let pages = t.record(first, &crcs);
             let persists = pages.iter().map(|p| t.persist(p, |pos, bytes| self.write_raw(pos, bytes)));
             futures::future::join_all(persists).await.into_iter().collect::<Result<(), _>>()?;
         }
+        Ok(())
+    }
+
+    /// The second half of [`Member::write_at`], only after [`Member::prepare_write`] of the
+    /// same bytes succeeded.
+    pub async fn write_prepared(&self, offset: u64, buf: BufRange) -> Result<(), MemberError> {
         self.transfer("write", offset, buf).await
     }
 

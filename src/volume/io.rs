@@ -347,15 +347,47 @@ impl Volume {
         Attempt::Written(faults_of(ops).await)
     }
 
-    /// Writes `data` (regions of `buf`) to every target of each shard.
-    async fn write_shards(&self, h: &Health, stripe: u64, writes: Vec<(u32, u64, &Arc<AlignedBuf>, u64, u64)>) -> Vec<Fault> {
+    /// A parity-level stripe write: the partial-parity record and the checksum pages of every
+    /// shard write go out together, and the shards' data only once all of them are durable (each
+    /// must precede the data, not each other). Issued one after the other, a small write paid
+    /// three dependent disk writes; now it pays two.
+    async fn write_shards_logged(
+        &self,
+        h: &Health,
+        ext: &StripeExtent,
+        lo: u64,
+        partial_parity: Option<&[u8]>,
+        writes: Vec<(u32, u64, &Arc<AlignedBuf>, u64, u64)>,
+    ) -> Attempt {
+        let stripe = ext.stripe;
         let mut ops = Vec::new();
-        for (shard, pos, src, off, len) in writes {
+        for &(shard, pos, src, off, len) in &writes {
             for t in self.targets(h, stripe, shard) {
-                ops.push(async move { member_write(&t, pos, src, off, len).await });
+                ops.push((t, pos, BufRange::new(src.clone(), off as usize, len as usize)));
             }
         }
-        faults_of(ops).await
+        let prepares = ops.iter().map(|(t, pos, range)| async move { t.prepare_write(*pos, range).await.map_err(|error| Fault { member: t.clone(), error }) });
+        let (logged, mut faults) = futures::join!(self.log_stripe_write(h, ext, lo, partial_parity), faults_of(prepares.collect::<Vec<_>>()));
+        // A member that failed either first write is failing, and is taken out as a failed data
+        // write would be; the others go on. Backing off instead would leave their checksum
+        // entries naming data that never reached them. Without its record the stripe is exposed
+        // to the write hole only if the daemon also crashes before the ring member is replaced.
+        // The slot is held until the shard writes are done: it must not be reused before then.
+        let _logged = match logged {
+            Ok(slot) => slot,
+            Err(f) => {
+                faults.push(f);
+                None
+            }
+        };
+        let failed = |m: &Arc<Member>| faults.iter().any(|f| Arc::ptr_eq(&f.member, m));
+        let writes: Vec<_> = ops
+            .into_iter()
+            .filter(|(t, _, _)| !failed(t))
+            .map(|(t, pos, range)| async move { t.write_prepared(pos, range).await.map_err(|error| Fault { member: t, error }) })
+            .collect();
+        faults.extend(faults_of(writes).await);
+        Attempt::Written(faults)
     }
 
     async fn write_parity(&self, h: &Health, ext: &StripeExtent, buf: &Arc<AlignedBuf>) -> Result<Attempt, VolumeError> {
@@ -369,11 +401,7 @@ impl Volume {
             let pos = self.member_pos(s, 0);
             let mut writes: Vec<_> = ext.pieces.iter().map(|p| (p.shard, pos, buf, p.buf_offset, chunk)).collect();
             writes.extend((0..m).map(|j| (k + j, pos, &parity, j as u64 * chunk, chunk)));
-            let _logged = match self.log_stripe_write(h, ext, 0, None).await {
-                Ok(slot) => slot,
-                Err(f) => return Ok(Attempt::ReadFailed(vec![f])),
-            };
-            return Ok(Attempt::Written(self.write_shards(h, s, writes).await));
+            return Ok(self.write_shards_logged(h, ext, 0, None, writes).await);
         }
         let lo = ext.pieces.iter().map(|p| p.chunk_offset).min().unwrap_or(0);
         let hi = ext.pieces.iter().map(|p| p.chunk_offset + p.len).max().unwrap_or(0);
@@ -396,14 +424,9 @@ impl Volume {
             Ok(p) => p,
             Err(faults) => return Ok(Attempt::ReadFailed(faults)),
         };
-        // The record must be on disk before any shard of the stripe is written.
-        let _logged = match self.log_stripe_write(h, ext, lo, Some(&partial_parity)).await {
-            Ok(slot) => slot,
-            Err(f) => return Ok(Attempt::ReadFailed(vec![f])),
-        };
         let mut writes: Vec<_> = ext.pieces.iter().map(|p| (p.shard, self.member_pos(s, p.chunk_offset), buf, p.buf_offset, p.len)).collect();
         writes.extend((0..m).map(|j| (k + j, self.member_pos(s, lo), &parity, j as u64 * slab, slab)));
-        Ok(Attempt::Written(self.write_shards(h, s, writes).await))
+        Ok(self.write_shards_logged(h, ext, lo, Some(&partial_parity), writes).await)
     }
 
     /// The first parity row of the stripe's current data slabs (`data`, k slabs of `slab`

@@ -275,6 +275,10 @@ impl Volume {
                     break false;
                 }
             }
+            if self.rebuild.stopping.load(Ordering::SeqCst) {
+                // Shutdown cut the pause short: leave the rest to the next start.
+                break false;
+            }
             let read = match early {
                 Some(r) => r,
                 None if faults.is_empty() => reading.as_mut().await,
