@@ -72,6 +72,34 @@ impl AlignedBuf {
     }
 }
 
+/// An [`ALIGN`]-aligned allocation not yet initialised, to be filled completely (by a socket read)
+/// and then turned into an [`AlignedBuf`]. Skips the zeroing that a buffer about to be
+/// overwritten does not need: for 1 MiB writes it was the largest single cost in `perf` (16 %).
+pub struct UninitBuf(AlignedBuf);
+
+impl UninitBuf {
+    pub fn new(len: usize) -> Self {
+        let cap = len.div_ceil(ALIGN).max(1) * ALIGN;
+        let layout = Layout::from_size_align(cap, ALIGN).expect("buffer size overflows Layout");
+        // SAFETY: layout has non-zero size. The memory is only ever exposed as MaybeUninit until
+        // `assume_init`.
+        let raw = unsafe { alloc::alloc(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        UninitBuf(AlignedBuf { ptr, len, cap })
+    }
+
+    pub fn as_uninit_mut(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
+        // SAFETY: valid for len bytes, exclusively borrowed; MaybeUninit needs no initialisation.
+        unsafe { std::slice::from_raw_parts_mut(self.0.ptr.as_ptr().cast(), self.0.len) }
+    }
+
+    /// # Safety
+    /// Every one of the `len` bytes must have been written.
+    pub unsafe fn assume_init(self) -> AlignedBuf {
+        self.0
+    }
+}
+
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

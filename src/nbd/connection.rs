@@ -21,14 +21,14 @@
 use super::device::{BlockDevice, DeviceError};
 use super::handshake::{self, ExportInfo, Outcome};
 use super::proto::{self, Command, ErrorCode, Rejection, Request, Session};
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, UninitBuf};
 use futures::FutureExt;
 use std::io;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadBuf};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
@@ -278,12 +278,10 @@ where
             }
             None
         } else if payload_len > 0 {
-            let mut buf = AlignedBuf::zeroed(payload_len as usize);
             tokio::select! {
-                r = rd.read_exact(&mut buf) => { r?; }
+                r = read_payload(&mut rd, payload_len as usize) => Some(r?),
                 _ = drained(&mut shutdown) => return Ok("server shutdown while client sent a payload"),
             }
-            Some(buf)
         } else {
             None
         };
@@ -325,6 +323,21 @@ where
             let _ = tx.send(reply).await;
         });
     }
+}
+
+/// Reads a WRITE payload of `len` bytes straight into a fresh buffer, without zeroing it first.
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> io::Result<AlignedBuf> {
+    let mut raw = UninitBuf::new(len);
+    let mut filled = ReadBuf::uninit(raw.as_uninit_mut());
+    while filled.remaining() > 0 {
+        let before = filled.filled().len();
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut *rd).poll_read(cx, &mut filled)).await?;
+        if filled.filled().len() == before {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    // SAFETY: ReadBuf counts only bytes that were written; all `len` of them are.
+    Ok(unsafe { raw.assume_init() })
 }
 
 /// Runs a validated request against the device.

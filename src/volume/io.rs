@@ -266,12 +266,22 @@ impl Volume {
             let end = (offset + len).div_ceil(BLOCK) * BLOCK;
             let sdb = self.geometry.stripe_data_bytes();
             let (first, last) = (start / sdb, (end - 1) / sdb);
-            let _guards = self.locks.lock_all(first..=last).await;
+            let aligned = start == offset && end == offset + len;
+            // An unaligned write reads the blocks around it, so it holds all its stripes from
+            // that read to the end. An aligned one locks each stripe only for its own part:
+            // sequential writes that share a partial stripe then wait for each other only
+            // there, not for the whole request (with all locks taken up front, raid5 ran
+            // sequential QD8 writes one at a time).
+            let _guards = if aligned { Vec::new() } else { self.locks.lock_all(first..=last).await };
             let _marked = self.intent.mark(first, last).await;
-            let buf = if start == offset && end == offset + len { data } else { self.widen_to_blocks(start, end, offset, &data).await? };
+            let buf = if aligned { data } else { self.widen_to_blocks(start, end, offset, &data).await? };
             let buf = Arc::new(buf);
             let extents = self.geometry.map(start, buf.len() as u64);
-            all(extents.iter().map(|ext| self.write_stripe(ext, &buf))).await?;
+            all(extents.iter().map(|ext| async {
+                let _guard = if aligned { Some(self.locks.lock(ext.stripe).await) } else { None };
+                self.write_stripe(ext, &buf).await
+            }))
+            .await?;
         }
         if fua {
             self.flush().await?;
