@@ -386,6 +386,10 @@ def markdown(res, extra, args):
         r = extra["raw"]
         lines.append(f"The disk itself (fio io_uring O_DIRECT on a plain file): 4k random read QD32 {fmt(r['qd32']['iops'])} IOPS, "
                      f"QD1 mean latency {r['qd1']['lat_mean_us']:.0f} µs.")
+    if "protocol" in extra:
+        r = extra["protocol"]
+        lines.append(f"No disk at all (nbdkit memory plugin, same fio client): 4k random read QD32 {fmt(r['randread-4k-qd32']['iops'])} IOPS "
+                     f"({r['randread-4k-qd32']['cpu_us_per_req']:.1f} µs server CPU per request), QD1 mean latency {r['randread-4k-qd1']['lat_mean_us']:.0f} µs.")
     if "memory" in extra:
         m = extra["memory"]
         lines.append(f"Memory: {m['connections']} connections × {m['requests_per_connection']} requests × {m['request_bytes'] // MIB} MiB "
@@ -489,6 +493,18 @@ def main():
             log("raw file: 4k random reads QD32 and QD1 (io_uring, O_DIRECT)")
             img = os.path.join(peer.dir, "disk.img")
             result["extra"]["raw"] = {f"qd{qd}": median_of([raw_random_read(img, volume_size, qd, args.runtime) for _ in range(args.repeats)]) for qd in (32, 1)}
+            # The protocol's own cost, with no disk at all: fio's nbd client against nbdkit's
+            # memory plugin. Its QD1 latency plus the disk's is the floor under any server.
+            log("nbdkit memory: 4k random reads QD32 and QD1 (no disk)")
+            mem = Server("nbdkit-memory", "nbdkit", work)
+            mem.start(["nbdkit", "-f", "--unix", mem.sock, "memory", str(volume_size)])
+            try:
+                run_fio(mem, "prefill", volume_size, None, scratch)
+                result["extra"]["protocol"] = {
+                    p: median_of([run_fio(mem, p, volume_size, args.runtime, scratch) for _ in range(args.repeats)]) for p in ("randread-4k-qd32", "randread-4k-qd1")
+                }
+            finally:
+                mem.stop()
         raid5 = next((s for s in servers if s.name == "nbraid-raid5x4"), None)
         if raid5 and "degraded" not in skip and "randread-4k-qd32" in profiles:
             log("raid5: failing member 1, degraded random reads")
