@@ -25,10 +25,16 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes; capacity is rounded up to a whole number of [`ALIGN`] blocks.
     pub fn zeroed(len: usize) -> Self {
+        Self::allocate(len, true)
+    }
+
+    /// The one place buffers are allocated; `zeroed: false` only for [`UninitBuf`].
+    fn allocate(len: usize, zeroed: bool) -> Self {
         let cap = len.div_ceil(ALIGN).max(1) * ALIGN;
         let layout = Layout::from_size_align(cap, ALIGN).expect("buffer size overflows Layout");
-        // SAFETY: layout has non-zero size.
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        // SAFETY: layout has non-zero size. Unzeroed memory is only ever exposed as MaybeUninit
+        // (by UninitBuf) until it has been written.
+        let raw = unsafe { if zeroed { alloc::alloc_zeroed(layout) } else { alloc::alloc(layout) } };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
         AlignedBuf { ptr, len, cap }
     }
@@ -79,13 +85,7 @@ pub struct UninitBuf(AlignedBuf);
 
 impl UninitBuf {
     pub fn new(len: usize) -> Self {
-        let cap = len.div_ceil(ALIGN).max(1) * ALIGN;
-        let layout = Layout::from_size_align(cap, ALIGN).expect("buffer size overflows Layout");
-        // SAFETY: layout has non-zero size. The memory is only ever exposed as MaybeUninit until
-        // `assume_init`.
-        let raw = unsafe { alloc::alloc(layout) };
-        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        UninitBuf(AlignedBuf { ptr, len, cap })
+        UninitBuf(AlignedBuf::allocate(len, false))
     }
 
     pub fn as_uninit_mut(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
@@ -118,7 +118,7 @@ impl DerefMut for AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         let layout = Layout::from_size_align(self.cap, ALIGN).expect("layout was valid at allocation");
-        // SAFETY: allocated in `zeroed` with this exact layout.
+        // SAFETY: allocated in `allocate` with this exact layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
     }
 }
