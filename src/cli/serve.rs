@@ -48,8 +48,9 @@ pub struct ServeArgs {
 
 fn parse_buffer_size(s: &str) -> Result<u64, String> {
     let n = super::size::parse_size(s)?;
-    if !(1 << 20..=1 << 40).contains(&n) {
-        return Err("must be between 1MiB and 1TiB".into());
+    // The budget counts bytes in a u32, as NBD request lengths do.
+    if !(1 << 20..=u64::from(u32::MAX)).contains(&n) {
+        return Err("must be between 1MiB and 4GiB".into());
     }
     Ok(n)
 }

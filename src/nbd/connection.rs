@@ -90,7 +90,8 @@ pub(crate) struct ByteBudget {
 
 impl ByteBudget {
     pub fn new(max: usize) -> Self {
-        let max = max.clamp(1, u32::MAX as usize >> 3) as u32;
+        // Request lengths are u32, and tokio allows far more permits than u32::MAX.
+        let max = max.clamp(1, u32::MAX as usize) as u32;
         ByteBudget { permits: Arc::new(Semaphore::new(max as usize)), max }
     }
 
