@@ -48,8 +48,8 @@ pub struct ServeArgs {
 
 fn parse_buffer_size(s: &str) -> Result<u64, String> {
     let n = super::size::parse_size(s)?;
-    // The budget counts bytes in a u32, as NBD request lengths do.
-    if !(1 << 20..=u64::from(u32::MAX)).contains(&n) {
+    // The budget counts bytes in a u32, as NBD request lengths do (4GiB means 4GiB - 1).
+    if !(1 << 20..=1 << 32).contains(&n) {
         return Err("must be between 1MiB and 4GiB".into());
     }
     Ok(n)
