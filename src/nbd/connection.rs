@@ -81,7 +81,7 @@ impl<D> Clone for ConnContext<D> {
     }
 }
 
-/// A byte budget shared by several connections.
+/// A budget of payload bytes in flight: one per connection, and one shared by all of them.
 #[derive(Clone)]
 pub(crate) struct ByteBudget {
     permits: Arc<Semaphore>,
@@ -226,7 +226,7 @@ where
     R: AsyncRead + Unpin,
     D: BlockDevice,
 {
-    let bytes_budget = Arc::new(Semaphore::new(ctx.max_in_flight_bytes as usize));
+    let bytes_budget = ByteBudget::new(ctx.max_in_flight_bytes as usize);
     let mut shutdown = ctx.shutdown.clone();
 
     // Resolves when the connection has nothing left to do: the server is shutting down and every
@@ -300,13 +300,13 @@ where
         let mut permits = Vec::with_capacity(3);
         permits.push(in_flight.clone().acquire_owned().await.map_err(|_| io::Error::other("in-flight semaphore closed"))?);
         let cost = match req.command {
-            Command::Read | Command::Write => req.length.min(ctx.max_in_flight_bytes),
+            Command::Read | Command::Write => req.length,
             _ => 0,
         };
         if cost > 0 {
             // Per connection first: a connection at its own limit must not hold server-wide
             // room while it waits.
-            permits.push(bytes_budget.clone().acquire_many_owned(cost).await.map_err(|_| io::Error::other("byte budget semaphore closed"))?);
+            permits.push(bytes_budget.acquire(cost).await?);
             permits.push(ctx.server_bytes.acquire(cost).await?);
         }
 
