@@ -5,6 +5,7 @@
 //! Pages are written with group commit: writers that update entries of one page while a write
 //! of it is in flight are all covered by the next single write of that page.
 
+use crate::buf::AlignedBuf;
 use crate::meta::checksums::{self as fmt, Entry, Verdict, BLOCK, ENTRIES_PER_PAGE, PAGE};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -179,7 +180,7 @@ impl ChecksumTable {
     /// unless a write since has already covered it. Writes of one page are serialized.
     pub async fn persist<F, Fut, E>(&self, p: &PagePersist, write: F) -> Result<(), E>
     where
-        F: FnOnce(u64, Vec<u8>) -> Fut,
+        F: FnOnce(u64, AlignedBuf) -> Fut,
         Fut: std::future::Future<Output = Result<(), E>>,
     {
         let slot = &self.pages[p.page as usize];
@@ -192,7 +193,7 @@ impl ChecksumTable {
         let end = ((p.page + 1) * ENTRIES_PER_PAGE).min(self.layout.blocks()) as usize;
         let snapshot: Vec<Entry> = self.entries()[start..end].to_vec();
         let generation = disk.generation.wrapping_add(1);
-        let mut bytes = vec![0u8; PAGE];
+        let mut bytes = AlignedBuf::zeroed(PAGE);
         fmt::encode_page(&mut bytes, &self.layout.volume_uuid, p.page, generation, &snapshot);
         write(self.layout.page_pos(p.page, generation % 2), bytes).await?;
         disk.generation = generation;

@@ -271,8 +271,8 @@ impl Member {
         }
     }
 
-    async fn write_raw(&self, pos: u64, bytes: Vec<u8>) -> Result<(), MemberError> {
-        self.transfer("write", pos, BufRange::whole(Arc::new(AlignedBuf::from_slice(&bytes)))).await
+    async fn write_raw(&self, pos: u64, bytes: AlignedBuf) -> Result<(), MemberError> {
+        self.transfer("write", pos, BufRange::whole(Arc::new(bytes))).await
     }
 
     /// Reads this member's checksum table (newest valid copy of each page). Pages with no valid
