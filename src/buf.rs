@@ -34,7 +34,13 @@ impl AlignedBuf {
         let layout = Layout::from_size_align(cap, ALIGN).expect("buffer size overflows Layout");
         // SAFETY: layout has non-zero size. Unzeroed memory is only ever exposed as MaybeUninit
         // (by UninitBuf) until it has been written.
-        let raw = unsafe { if zeroed { alloc::alloc_zeroed(layout) } else { alloc::alloc(layout) } };
+        let raw = unsafe {
+            if zeroed {
+                alloc::alloc_zeroed(layout)
+            } else {
+                alloc::alloc(layout)
+            }
+        };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
         AlignedBuf { ptr, len, cap }
     }

@@ -180,12 +180,7 @@ impl Volume {
 
     async fn read_piece(&self, stripe: u64, p: &Piece, buf: &Arc<AlignedBuf>, locked: bool) -> Result<(), VolumeError> {
         loop {
-            let h = self.health();
-            let member = match self.geometry.level {
-                Level::Raid1 => self.mirror_for(&h, stripe),
-                _ => h.readable(self.slot_of_shard(stripe, p.shard), stripe, &self.progress).cloned(),
-            };
-            match member {
+            match self.piece_source(&self.health(), stripe, p) {
                 Some(m) => match member_read(&m, self.member_pos(stripe, p.chunk_offset), buf, p.buf_offset, p.len).await {
                     Ok(()) => return Ok(()),
                     Err(f) if f.error.is_checksum() => return self.read_piece_healed(stripe, p, buf, locked).await,
@@ -206,18 +201,22 @@ impl Volume {
             return Err(VolumeError::Corrupt { stripe });
         }
         loop {
-            let h = self.health();
-            let member = match self.geometry.level {
-                Level::Raid1 => self.mirror_for(&h, stripe),
-                _ => h.readable(self.slot_of_shard(stripe, p.shard), stripe, &self.progress).cloned(),
-            };
-            let Some(m) = member else { return self.read_piece_degraded(stripe, p, buf, true).await };
+            let Some(m) = self.piece_source(&self.health(), stripe, p) else { return self.read_piece_degraded(stripe, p, buf, true).await };
             match member_read(&m, self.member_pos(stripe, p.chunk_offset), buf, p.buf_offset, p.len).await {
                 Ok(()) => return Ok(()),
                 // Healed a moment ago under this lock: damage now is damage healing cannot fix.
                 Err(f) if f.error.is_checksum() => return Err(VolumeError::Corrupt { stripe }),
                 Err(f) => self.member_failed(&f.member, &f.error).await,
             }
+        }
+    }
+
+    /// The member a piece is read from directly: any readable mirror (raid1), else the one
+    /// holding its shard, if readable.
+    fn piece_source(&self, h: &Health, stripe: u64, p: &Piece) -> Option<Arc<Member>> {
+        match self.geometry.level {
+            Level::Raid1 => self.mirror_for(h, stripe),
+            _ => h.readable(self.slot_of_shard(stripe, p.shard), stripe, &self.progress).cloned(),
         }
     }
 
