@@ -95,6 +95,25 @@ impl From<VolumeError> for BatchError {
     }
 }
 
+/// The values of parts run together, or what went wrong: a volume error if any, else the
+/// faults of every part that failed (the parts that succeeded are dropped, to be redone).
+fn gather<T>(results: Vec<Result<T, BatchError>>) -> Result<Vec<T>, BatchError> {
+    let mut values = Vec::with_capacity(results.len());
+    let mut faults = Vec::new();
+    for r in results {
+        match r {
+            Ok(v) => values.push(v),
+            Err(BatchError::Faults(f)) => faults.extend(f),
+            Err(e @ BatchError::Volume(_)) => return Err(e),
+        }
+    }
+    if faults.is_empty() {
+        Ok(values)
+    } else {
+        Err(BatchError::Faults(faults))
+    }
+}
+
 /// A batch read for the new member, waiting for its write; it keeps its stripes locked.
 struct ReadBatch<'a> {
     first: u64,
@@ -177,7 +196,7 @@ impl Volume {
     /// written, in order.
     async fn rebuild_slot(&self, slot: usize) -> bool {
         let stripes = self.geometry.stripes;
-        let part_stripes = (PART_BYTES / self.geometry.chunk).max(1);
+        let part_stripes = self.rebuild_part_stripes();
         self.rebuild.start_run(slot, self.progress.get(slot));
         let mut pacer = Pacer { next: Instant::now() };
         // Two sets of buffers: one for the batch being written, one for the batch being read.
@@ -203,49 +222,12 @@ impl Volume {
                 if batch == 0 {
                     return Ok(None);
                 }
-                let guards = self.locks.lock_all(next..next + batch).await;
-                // Membership may have changed while waiting for the locks.
-                let h = self.health();
-                let Some((now_target, source)) = self.rebuild_target(&h, slot) else { return Ok(None) };
-                if !Arc::ptr_eq(&now_target, &target) {
-                    return Ok(None);
-                }
-                let parts: Vec<(u64, u64)> = (next..next + batch).step_by(part_stripes as usize).map(|s| (s, part_stripes.min(next + batch - s))).collect();
-                let runs = parts.iter().zip(read_pools.iter_mut()).map(|(&part, pool)| self.read_part(&h, slot, source.clone(), part, pool));
-                let mut bufs = Vec::new();
-                let mut faults = Vec::new();
-                for (r, part) in join_all(runs).await.into_iter().zip(&parts) {
-                    match r {
-                        Ok(buf) => bufs.push((part.0, buf)),
-                        Err(BatchError::Faults(f)) => faults.extend(f),
-                        Err(BatchError::Volume(e)) => return Err(BatchError::Volume(e)),
-                    }
-                }
-                if !faults.is_empty() {
-                    bufs.into_iter().zip(read_pools.iter_mut()).for_each(|((_, b), pool)| pool.give(b));
-                    return Err(BatchError::Faults(faults));
-                }
-                Ok(Some(ReadBatch { first: next, end: next + batch, target: target.clone(), guards, bufs }))
+                self.read_batch(slot, &target, next, next + batch, read_pools).await
             };
             let write = async {
                 match ready.take() {
                     None => Ok(None),
-                    Some(r) => {
-                        let writes = r.bufs.into_iter().zip(write_pools.iter_mut()).map(|((first, buf), pool)| self.write_part(&r.target, first, buf, pool));
-                        let mut faults = Vec::new();
-                        for w in join_all(writes).await {
-                            match w {
-                                Ok(()) => {}
-                                Err(BatchError::Faults(f)) => faults.extend(f),
-                                Err(BatchError::Volume(e)) => return Err(BatchError::Volume(e)),
-                            }
-                        }
-                        if faults.is_empty() {
-                            Ok(Some((r.first, r.end, r.guards)))
-                        } else {
-                            Err(BatchError::Faults(faults))
-                        }
-                    }
+                    Some(r) => self.write_batch(r, write_pools).await.map(Some),
                 }
             };
             // Throttled, the next batch is read only after the pause, so no stripes stay locked
@@ -330,6 +312,36 @@ impl Volume {
             SlotState::Replacing => Some((e.replacement.clone()?, Source::Copy(e.member.clone()?))),
             _ => None,
         }
+    }
+
+    /// Stripes one rebuild I/O covers on each member.
+    fn rebuild_part_stripes(&self) -> u64 {
+        (PART_BYTES / self.geometry.chunk).max(1)
+    }
+
+    /// Reads (or reconstructs) the new member's data for stripes [first, end) under their
+    /// locks; `None` when the slot's target changed while waiting for them.
+    async fn read_batch(&self, slot: usize, target: &Arc<Member>, first: u64, end: u64, pools: &mut [BufPool]) -> Result<Option<ReadBatch<'_>>, BatchError> {
+        let part_stripes = self.rebuild_part_stripes();
+        let guards = self.locks.lock_all(first..end).await;
+        // Membership may have changed while waiting for the locks.
+        let h = self.health();
+        let Some((now_target, source)) = self.rebuild_target(&h, slot) else { return Ok(None) };
+        if !Arc::ptr_eq(&now_target, target) {
+            return Ok(None);
+        }
+        let parts: Vec<(u64, u64)> = (first..end).step_by(part_stripes as usize).map(|s| (s, part_stripes.min(end - s))).collect();
+        let runs = parts.iter().zip(pools.iter_mut()).map(|(&part, pool)| self.read_part(&h, slot, source.clone(), part, pool));
+        let bufs = gather(join_all(runs).await)?;
+        Ok(Some(ReadBatch { first, end, target: target.clone(), guards, bufs: parts.iter().map(|p| p.0).zip(bufs).collect() }))
+    }
+
+    /// Writes a batch read by [`Volume::read_batch`]; returns its stripe range and its locks,
+    /// to be released once the checkpoint has moved past it.
+    async fn write_batch<'a>(&self, r: ReadBatch<'a>, pools: &mut [BufPool]) -> Result<(u64, u64, Vec<StripeGuard<'a>>), BatchError> {
+        let writes = r.bufs.into_iter().zip(pools.iter_mut()).map(|((first, buf), pool)| self.write_part(&r.target, first, buf, pool));
+        gather(join_all(writes).await)?;
+        Ok((r.first, r.end, r.guards))
     }
 
     /// The new member's data for stripes [first, first + count): copied from the member being
