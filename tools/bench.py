@@ -172,7 +172,7 @@ def run_fio(server, profile, size, runtime, scratch):
     cpu1 = cpu_seconds(server.pid)
     if out.returncode != 0:
         raise SystemExit(f"bench: fio {profile} against {server.name} failed:\n{out.stderr}\n{open(server.log_path).read()[-4000:]}")
-    d = json.loads(out.stdout[out.stdout.index("{"):])
+    d = parse_fio(out.stdout)
     ios = lat_sum = 0.0
     p99 = 0.0
     iops = bw = 0.0
@@ -217,25 +217,33 @@ def wait_optimal(nbraid, server):
         time.sleep(0.05)
 
 
+def parse_fio(stdout):
+    """fio's JSON report (fio may print notes before it)."""
+    return json.loads(stdout[stdout.index("{"):])
+
+
+def fio_plain_file(path, size, *options):
+    """One fio job straight on a plain file with io_uring and O_DIRECT; returns its report."""
+    out = subprocess.run(["fio", "--name=raw", f"--filename={path}", f"--size={size}", "--ioengine=io_uring", "--direct=1", *options, "--output-format=json"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"bench: fio on {path} failed:\n{out.stderr}")
+    return parse_fio(out.stdout)["jobs"][0]
+
+
 def raw_seq_write(directory, size):
     """Sequential write bandwidth of a plain file there: what a rebuild could at best reach."""
     path = os.path.join(directory, "raw.img")
-    out = subprocess.run(
-        ["fio", "--name=raw", f"--filename={path}", f"--size={size}", "--ioengine=io_uring", "--direct=1", "--rw=write", "--bs=1M", "--iodepth=8",
-         "--end_fsync=1", "--output-format=json"],
-        check=True, capture_output=True, text=True).stdout
+    job = fio_plain_file(path, size, "--rw=write", "--bs=1M", "--iodepth=8", "--end_fsync=1")
     os.unlink(path)
-    return json.loads(out[out.index("{"):])["jobs"][0]["write"]["bw_bytes"] / 1e6
+    return job["write"]["bw_bytes"] / 1e6
 
 
 def raw_random_read(path, size, qd, runtime):
-    """4k random reads straight from a plain file with io_uring and O_DIRECT: the disk's own
-    latency and IOPS, the floor under every NBD server's."""
-    out = subprocess.run(
-        ["fio", "--name=raw", f"--filename={path}", f"--size={size}", "--ioengine=io_uring", "--direct=1", "--rw=randread", "--bs=4k", f"--iodepth={qd}",
-         "--norandommap", "--randrepeat=0", "--time_based", f"--runtime={runtime}", "--output-format=json"],
-        check=True, capture_output=True, text=True).stdout
-    r = json.loads(out[out.index("{"):])["jobs"][0]["read"]
+    """4k random reads straight from a plain file: the disk's own latency and IOPS, the floor
+    under every NBD server's."""
+    r = fio_plain_file(path, size, "--rw=randread", "--bs=4k", f"--iodepth={qd}", "--norandommap", "--randrepeat=0", "--time_based",
+                       f"--runtime={runtime}")["read"]
     return {"iops": r["iops"], "lat_mean_us": r["clat_ns"]["mean"] / 1e3}
 
 
