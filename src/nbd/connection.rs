@@ -5,7 +5,7 @@
 //!   into an [`AlignedBuf`] of exactly the request length, and spawns each valid request onto its
 //!   own task, so slow requests never hold up fast ones;
 //! - every reply (from request tasks, or errors from the reader itself) goes through one bounded
-//!   channel to a single *writer* task, which batches whatever is queued into one buffered write
+//!   channel to a single *writer* task, which writes whatever is queued with one vectored write
 //!   and flushes only when the queue is empty;
 //! - in-flight work is bounded per connection by a request-count semaphore and a byte-budget
 //!   semaphore. Permits travel with the reply and are released only once it has been written, so
@@ -28,13 +28,15 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadBuf};
+use std::io::IoSlice;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 /// Read-side buffer: large enough to coalesce many small request headers into one syscall.
 const READ_BUF: usize = 128 * 1024;
-/// Write-side buffer: replies queued together go out in as few syscalls as this allows.
+/// Bytes of replies written with one call at most: replies queued together go out in as few
+/// syscalls as this allows.
 const WRITE_BUF: usize = 256 * 1024;
 
 /// Counters shared by all connections of one server.
@@ -104,16 +106,50 @@ impl ByteBudget {
 /// One encoded reply on its way to the writer. It owns the permits of its request, so the
 /// request counts as in flight until its bytes have been handed to the socket.
 struct Reply {
-    head: Vec<u8>,
+    head: ReplyHead,
     data: Option<AlignedBuf>,
     _permits: Vec<OwnedSemaphorePermit>,
 }
 
 impl Reply {
     fn error(session: &Session, cookie: u64, code: ErrorCode, msg: &str) -> Self {
-        let head =
-            if session.structured { proto::encode_chunk_error(cookie, code.as_u32(), msg) } else { proto::encode_simple_reply(cookie, code.as_u32()).to_vec() };
+        let head = if session.structured {
+            ReplyHead::Owned(proto::encode_chunk_error(cookie, code.as_u32(), msg))
+        } else {
+            ReplyHead::inline(&proto::encode_simple_reply(cookie, code.as_u32()))
+        };
         Reply { head, data: None, _permits: Vec::new() }
+    }
+
+    fn bytes(&self) -> usize {
+        self.head.as_slice().len() + self.data.as_ref().map_or(0, |d| d.len())
+    }
+}
+
+/// A reply's header. The headers of successful replies (16 to 28 bytes) are kept inline: at
+/// tens of thousands of replies per second a heap allocation each showed up in `perf`.
+enum ReplyHead {
+    Inline { bytes: [u8; INLINE_HEAD], len: u8 },
+    Owned(Vec<u8>),
+}
+
+const INLINE_HEAD: usize = 32;
+
+impl ReplyHead {
+    fn inline(b: &[u8]) -> Self {
+        if b.len() > INLINE_HEAD {
+            return ReplyHead::Owned(b.to_vec());
+        }
+        let mut bytes = [0u8; INLINE_HEAD];
+        bytes[..b.len()].copy_from_slice(b);
+        ReplyHead::Inline { bytes, len: b.len() as u8 }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            ReplyHead::Inline { bytes, len } => &bytes[..*len as usize],
+            ReplyHead::Owned(v) => v,
+        }
     }
 }
 
@@ -378,13 +414,13 @@ fn encode_result(session: &Session, req: &Request, result: Result<Option<Aligned
             let head = match (&data, session.structured) {
                 (Some(buf), true) => {
                     match proto::encode_offset_data_header(req.cookie, true, req.offset, buf.len()) {
-                        Some(h) => h.to_vec(),
+                        Some(h) => ReplyHead::inline(&h),
                         // Unreachable for validated reads (1..=32 MiB); fail safe regardless.
                         None => return Reply::error(session, req.cookie, ErrorCode::Io, "cannot encode read reply"),
                     }
                 }
-                (None, true) => proto::encode_chunk_none(req.cookie).to_vec(),
-                (_, false) => proto::encode_simple_reply(req.cookie, 0).to_vec(),
+                (None, true) => ReplyHead::inline(&proto::encode_chunk_none(req.cookie)),
+                (_, false) => ReplyHead::inline(&proto::encode_simple_reply(req.cookie, 0)),
             };
             Reply { head, data, _permits: Vec::new() }
         }
@@ -393,41 +429,51 @@ fn encode_result(session: &Session, req: &Request, result: Result<Option<Aligned
     reply
 }
 
-/// The connection's request permits, as the writer sees them: how many requests are still
-/// being worked on (their replies not yet written).
+/// The connection's request permits, as the writer sees them.
 struct InFlight {
     permits: Arc<Semaphore>,
     max: usize,
 }
 
 impl InFlight {
-    fn busy(&self) -> bool {
-        self.permits.available_permits() < self.max
+    /// Requests accepted and not yet answered on the socket (replies waiting in the writer's
+    /// batch included: they still hold their permits).
+    fn unanswered(&self) -> usize {
+        self.max - self.permits.available_permits().min(self.max)
     }
 }
 
-/// The writer task: drains the reply queue into the socket, flushing only when the queue runs
-/// dry so that bursts of small replies share syscalls.
+/// A batch stops growing at this many replies (two I/O vectors each, well under the kernel's
+/// limit of 1024 per call) or once it holds [`WRITE_BUF`] bytes.
+const MAX_BATCH: usize = 256;
+
+/// The writer task: drains the reply queue into the socket in batches, each written with
+/// vectored writes straight from the replies' own buffers (no copy into a staging buffer: for
+/// 4 KiB reads that copy was 4 % of the daemon's CPU).
 ///
 /// The queue often runs dry between two replies of one burst: a completed request wakes the
 /// writer, and the scheduler runs the woken task first, before the next completed request has
 /// produced its reply. So while other requests are in flight the writer yields once before
-/// flushing, letting every task that is ready run and queue its reply; `perf` showed one
+/// writing, letting every task that is ready run and queue its reply; `perf` showed one
 /// `sendto` per 4 KiB read at queue depth 32 before this. An idle connection (queue depth 1)
-/// flushes at once.
-async fn write_replies<W>(wr: W, mut rx: mpsc::Receiver<Reply>, in_flight: InFlight, peer: String)
+/// writes at once.
+async fn write_replies<W>(mut wr: W, mut rx: mpsc::Receiver<Reply>, in_flight: InFlight, peer: String)
 where
     W: AsyncWrite + Unpin,
 {
-    let mut w = BufWriter::with_capacity(WRITE_BUF, wr);
+    let mut batch: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
     let result: io::Result<()> = async {
         while let Some(reply) = rx.recv().await {
-            write_one(&mut w, reply).await?;
+            let mut bytes = reply.bytes();
+            batch.push(reply);
             loop {
-                while let Ok(reply) = rx.try_recv() {
-                    write_one(&mut w, reply).await?;
+                while batch.len() < MAX_BATCH && bytes < WRITE_BUF {
+                    let Ok(reply) = rx.try_recv() else { break };
+                    bytes += reply.bytes();
+                    batch.push(reply);
                 }
-                if !in_flight.busy() || w.buffer().len() >= WRITE_BUF / 2 {
+                let full = batch.len() >= MAX_BATCH || bytes >= WRITE_BUF;
+                if full || in_flight.unanswered() <= batch.len() {
                     break;
                 }
                 tokio::task::yield_now().await;
@@ -435,9 +481,11 @@ where
                     break;
                 }
             }
-            w.flush().await?;
+            write_batch(&mut wr, &batch).await?;
+            // Dropping the replies releases their permits: they now count as answered.
+            batch.clear();
         }
-        w.shutdown().await
+        wr.shutdown().await
     }
     .await;
     if let Err(e) = result {
@@ -446,10 +494,22 @@ where
     // Dropping `rx` here makes every pending and future send fail, so request tasks end promptly.
 }
 
-async fn write_one<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, reply: Reply) -> io::Result<()> {
-    w.write_all(&reply.head).await?;
-    if let Some(data) = &reply.data {
-        w.write_all(data).await?;
+/// Writes every byte of a batch of replies, in order.
+async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Reply]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * batch.len());
+    for r in batch {
+        slices.push(IoSlice::new(r.head.as_slice()));
+        if let Some(d) = r.data.as_ref().filter(|d| !d.is_empty()) {
+            slices.push(IoSlice::new(d));
+        }
     }
-    Ok(())
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    w.flush().await
 }
