@@ -12,7 +12,7 @@ pub use faults::FaultPlan;
 use crate::buf::{AlignedBuf, ALIGN};
 use crate::meta::checksums as csum_fmt;
 use crate::meta::superblock::{Superblock, SuperblockError, SUPERBLOCK_OFFSETS, SUPERBLOCK_SIZE};
-use crate::uring::{BufRange, Engine};
+use crate::uring::{BufRange, Engine, RingFile};
 use faults::Faults;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -63,7 +63,7 @@ pub type Identity = (u64, u64);
 
 pub struct Member {
     path: PathBuf,
-    file: Arc<File>,
+    file: Arc<RingFile>,
     engine: Arc<Engine>,
     direct: bool,
     size: u64,
@@ -133,7 +133,7 @@ impl Member {
 
         let mut member = Member {
             path: path.to_path_buf(),
-            file: Arc::new(file),
+            file: engine.open_file(file),
             engine,
             direct,
             size,
@@ -157,7 +157,7 @@ impl Member {
         if !direct {
             tracing::info!("{}: O_DIRECT not supported here, using buffered I/O", path.display());
             if member.direct {
-                member.file = Arc::new(open_file(path, access, false).map_err(open_err)?);
+                member.file = member.engine.open_file(open_file(path, access, false).map_err(open_err)?);
                 member.direct = false;
             }
         }
@@ -444,7 +444,7 @@ impl Member {
     pub fn map_range(&self, offset: u64, len: usize) -> io::Result<memmap2::MmapMut> {
         // SAFETY: the mapped range is metadata that only this process touches, and only
         // through this mapping (the member is locked against other nbraid processes).
-        unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map_mut(&*self.file) }
+        unsafe { memmap2::MmapOptions::new().offset(offset).len(len).map_mut(self.file.file()) }
     }
 
     /// Zeroes both superblock copies, so the disk is no longer a member of anything.

@@ -73,28 +73,81 @@ impl BufRange {
     }
 }
 
+/// Descriptor-table slots each ring reserves for registered files.
+const FILE_SLOTS: u32 = 256;
+
+/// A file opened for I/O through one engine. Where the ring has room, the file is registered
+/// with it ("fixed file"), which spares the kernel a descriptor lookup and reference count on
+/// every operation. The registration is dropped with the last handle, which is also the moment
+/// no operation on it can still be in flight (each operation holds a handle).
+pub struct RingFile {
+    file: File,
+    slot: Option<u32>,
+    ring: std::sync::Weak<Shared>,
+}
+
+impl RingFile {
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn target(&self) -> Target {
+        match self.slot {
+            Some(i) => Target::Fixed(types::Fixed(i)),
+            None => Target::Fd(types::Fd(self.file.as_raw_fd())),
+        }
+    }
+}
+
+impl Drop for RingFile {
+    fn drop(&mut self) {
+        let (Some(slot), Some(shared)) = (self.slot, self.ring.upgrade()) else { return };
+        let mut ring = shared.lock();
+        // -1 empties the slot. If that failed, the slot keeps a reference to this file; it is
+        // then not handed out again, so no later file can be mistaken for this one.
+        if ring.ring.submitter().register_files_update(slot, &[-1]).is_ok() {
+            ring.free_file_slots.push(slot);
+        }
+    }
+}
+
+enum Target {
+    Fd(types::Fd),
+    Fixed(types::Fixed),
+}
+
 enum OpKind {
     Read { offset: u64, buf: BufRange },
     Write { offset: u64, buf: BufRange },
     Fsync { datasync: bool },
 }
 
+/// The SQE for an operation on `fd`, a descriptor or a registered-file slot. A macro because
+/// the io-uring crate's trait covering both is sealed.
+macro_rules! op_entry {
+    ($kind:expr, $fd:expr) => {
+        match $kind {
+            OpKind::Read { offset, buf } => opcode::Read::new($fd, buf.ptr(), buf.len as u32).offset(*offset).build(),
+            OpKind::Write { offset, buf } => opcode::Write::new($fd, buf.ptr() as *const u8, buf.len as u32).offset(*offset).build(),
+            OpKind::Fsync { datasync } => {
+                let flags = if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+                opcode::Fsync::new($fd).flags(flags).build()
+            }
+        }
+    };
+}
+
 struct Op {
-    file: Arc<File>,
+    file: Arc<RingFile>,
     kind: OpKind,
     done: oneshot::Sender<i32>,
 }
 
 impl Op {
     fn entry(&self, user_data: u64) -> squeue::Entry {
-        let fd = types::Fd(self.file.as_raw_fd());
-        let entry = match &self.kind {
-            OpKind::Read { offset, buf } => opcode::Read::new(fd, buf.ptr(), buf.len as u32).offset(*offset).build(),
-            OpKind::Write { offset, buf } => opcode::Write::new(fd, buf.ptr() as *const u8, buf.len as u32).offset(*offset).build(),
-            OpKind::Fsync { datasync } => {
-                let flags = if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
-                opcode::Fsync::new(fd).flags(flags).build()
-            }
+        let entry = match self.file.target() {
+            Target::Fd(fd) => op_entry!(&self.kind, fd),
+            Target::Fixed(fd) => op_entry!(&self.kind, fd),
         };
         entry.user_data(user_data)
     }
@@ -130,6 +183,13 @@ impl InFlight {
     }
 }
 
+/// A finished operation: its waiter, its result, and the handle on its file.
+struct Completed {
+    tx: oneshot::Sender<i32>,
+    result: i32,
+    _file: Arc<RingFile>,
+}
+
 struct Ring {
     ring: IoUring,
     inflight: InFlight,
@@ -137,6 +197,8 @@ struct Ring {
     backlog: VecDeque<Op>,
     /// SQEs are queued and the deferred submitter has been told to push them to the kernel.
     submit_scheduled: bool,
+    /// Registered-file slots not in use (empty if the kernel refused the file table).
+    free_file_slots: Vec<u32>,
 }
 
 impl Ring {
@@ -168,14 +230,15 @@ impl Ring {
 
     /// Takes every completion off the queue, refills from the backlog, and returns the waiters
     /// to wake (woken by the caller, outside the lock).
-    fn reap(&mut self) -> Vec<(oneshot::Sender<i32>, i32)> {
+    /// The file handles come back too, to be dropped outside the ring's lock: dropping the
+    /// last handle of a registered file takes that lock.
+    fn reap(&mut self) -> Vec<Completed> {
         let mut done = Vec::new();
         for cqe in self.ring.completion() {
             if let Some(Op { file, kind, done: tx }) = self.inflight.remove(cqe.user_data() as usize) {
                 // Release the buffer before waking the waiter, so it can reclaim sole ownership.
                 drop(kind);
-                drop(file);
-                done.push((tx, cqe.result()));
+                done.push(Completed { tx, result: cqe.result(), _file: file });
             }
         }
         let mut queued = false;
@@ -237,6 +300,14 @@ impl Engine {
     pub fn new() -> io::Result<Arc<Engine>> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| io::Error::other("the io_uring engine needs a tokio runtime"))?;
         let ring = IoUring::builder().setup_clamp().setup_cqsize(2 * RING_ENTRIES).build(RING_ENTRIES)?;
+        // Without a file table the engine still works, on plain descriptors.
+        let free_file_slots = match ring.submitter().register_files_sparse(FILE_SLOTS) {
+            Ok(()) => (0..FILE_SLOTS).rev().collect(),
+            Err(e) => {
+                tracing::debug!("io_uring: no registered files ({e}); using plain descriptors");
+                Vec::new()
+            }
+        };
         let fd = {
             let _enter = runtime.enter();
             // SAFETY: the descriptor belongs to `ring`, which lives in the same `Shared` and is
@@ -250,6 +321,7 @@ impl Engine {
                 inflight: InFlight { slots: Vec::new(), free: Vec::new(), count: 0 },
                 backlog: VecDeque::new(),
                 submit_scheduled: false,
+                free_file_slots,
             }),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
@@ -260,11 +332,25 @@ impl Engine {
         Ok(Arc::new(Engine { shared }))
     }
 
+    /// Takes `file` for I/O through this engine, registered with the ring where there is room.
+    pub fn open_file(&self, file: File) -> Arc<RingFile> {
+        let mut ring = self.shared.lock();
+        let slot = ring.free_file_slots.pop().and_then(|slot| match ring.ring.submitter().register_files_update(slot, &[file.as_raw_fd()]) {
+            Ok(_) => Some(slot),
+            Err(e) => {
+                tracing::debug!("io_uring: cannot register a file ({e}); using its descriptor");
+                ring.free_file_slots.push(slot);
+                None
+            }
+        });
+        Arc::new(RingFile { file, slot, ring: Arc::downgrade(&self.shared) })
+    }
+
     /// Queues one operation. With nothing else in flight it goes to the kernel at once (the
     /// latency of a lone request); otherwise the SQE waits for [`submit_deferred`], which runs
     /// after the tasks that are ready now, so a burst of requests shares one `io_uring_enter`.
     /// `perf` showed one `io_uring_enter` per 4 KiB read at queue depth 32 before this.
-    fn submit(&self, file: Arc<File>, kind: OpKind) -> oneshot::Receiver<i32> {
+    fn submit(&self, file: Arc<RingFile>, kind: OpKind) -> oneshot::Receiver<i32> {
         let (done, rx) = oneshot::channel();
         let mut ring = self.shared.lock();
         let idle = ring.inflight.count == 0;
@@ -290,17 +376,17 @@ impl Engine {
     }
 
     /// Reads into `buf` at `offset`; returns the bytes read (may be short at end of file).
-    pub async fn read(&self, file: Arc<File>, offset: u64, buf: BufRange) -> io::Result<usize> {
+    pub async fn read(&self, file: Arc<RingFile>, offset: u64, buf: BufRange) -> io::Result<usize> {
         Self::wait(self.submit(file, OpKind::Read { offset, buf })).await
     }
 
     /// Writes `buf` at `offset`; returns the bytes written (may be short).
-    pub async fn write(&self, file: Arc<File>, offset: u64, buf: BufRange) -> io::Result<usize> {
+    pub async fn write(&self, file: Arc<RingFile>, offset: u64, buf: BufRange) -> io::Result<usize> {
         Self::wait(self.submit(file, OpKind::Write { offset, buf })).await
     }
 
     /// fsync (or fdatasync) through the ring.
-    pub async fn fsync(&self, file: Arc<File>, datasync: bool) -> io::Result<()> {
+    pub async fn fsync(&self, file: Arc<RingFile>, datasync: bool) -> io::Result<()> {
         Self::wait(self.submit(file, OpKind::Fsync { datasync })).await.map(|_| ())
     }
 }
@@ -339,8 +425,8 @@ async fn reap_completions(shared: Arc<Shared>) {
                 };
                 let done = shared.lock().reap();
                 guard.clear_ready();
-                for (tx, res) in done {
-                    let _ = tx.send(res);
+                for c in done {
+                    let _ = c.tx.send(c.result);
                 }
             }
             _ = shared.stop.notified() => {}
@@ -352,7 +438,9 @@ async fn reap_completions(shared: Arc<Shared>) {
                 return;
             }
             // Completions still pending: keep reaping until they are in.
-            drop(ring.reap());
+            let done = ring.reap();
+            drop(ring);
+            drop(done);
         }
     }
 }
@@ -367,7 +455,7 @@ mod tests {
         let engine = Engine::new().unwrap();
         let mut tmp = tempfile::tempfile().unwrap();
         tmp.write_all(&vec![0u8; 1 << 20]).unwrap();
-        let file = Arc::new(tmp);
+        let file = engine.open_file(tmp);
         let mut futs = Vec::new();
         for i in 0..256u64 {
             let data = Arc::new(AlignedBuf::from_slice(&[i as u8; 4096]));
@@ -395,9 +483,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn registered_file_slots_are_reused_after_the_last_handle() {
+        let engine = Engine::new().unwrap();
+        let a = engine.open_file(tempfile::tempfile().unwrap());
+        let slot = a.slot.expect("this kernel takes a file table");
+        let b = engine.open_file(tempfile::tempfile().unwrap());
+        assert_ne!(b.slot, Some(slot), "a slot in use is not handed out twice");
+        // An operation in flight holds a handle: the slot stays taken until it completes.
+        let buf = Arc::new(AlignedBuf::from_slice(&[7u8; 4096]));
+        assert_eq!(engine.write(a.clone(), 0, BufRange::whole(buf)).await.unwrap(), 4096);
+        drop(a);
+        let c = engine.open_file(tempfile::tempfile().unwrap());
+        assert_eq!(c.slot, Some(slot), "the freed slot is handed out again");
+        let buf = Arc::new(AlignedBuf::zeroed(4096));
+        assert_eq!(engine.read(c, 0, BufRange::whole(buf)).await.unwrap(), 0, "the new file, not the old one, is behind the slot");
+    }
+
+    #[tokio::test]
     async fn errors_are_reported() {
         let engine = Engine::new().unwrap();
-        let file = Arc::new(File::open("/dev/null").unwrap()); // read-only: a write must fail
+        let file = engine.open_file(File::open("/dev/null").unwrap()); // read-only: a write must fail
         let buf = Arc::new(AlignedBuf::zeroed(4096));
         let err = engine.write(file, 0, BufRange::whole(buf)).await.unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
