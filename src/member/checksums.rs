@@ -126,7 +126,20 @@ impl ChecksumTable {
     /// of those that are damaged or of unknown content. While recovering, a block holding its
     /// previous data settles its entry to it (persisted by [`ChecksumTable::settled_pages`]).
     pub fn judge(&self, first: u64, bytes: &[u8]) -> Vec<u64> {
-        let crcs: Vec<u32> = bytes.chunks(BLOCK as usize).map(fmt::block_crc).collect();
+        // Computed before taking the lock, which must not be held for the length of a large read.
+        // A small read's checksums stay on the stack (a heap list each showed up in `perf`).
+        let mut few = [0u32; 16];
+        let many: Vec<u32>;
+        let count = bytes.len().div_ceil(BLOCK as usize);
+        let crcs: &[u32] = if count <= few.len() {
+            for (c, block) in few.iter_mut().zip(bytes.chunks(BLOCK as usize)) {
+                *c = fmt::block_crc(block);
+            }
+            &few[..count]
+        } else {
+            many = bytes.chunks(BLOCK as usize).map(fmt::block_crc).collect();
+            &many
+        };
         let recovering = self.recovering.load(Ordering::Relaxed);
         let mut bad = Vec::new();
         let mut settled_pages = Vec::new();

@@ -173,6 +173,13 @@ impl Volume {
     async fn read_aligned(&self, start: u64, len: u64, locked: bool) -> Result<AlignedBuf, VolumeError> {
         let buf = Arc::new(AlignedBuf::zeroed(len as usize));
         let extents = self.geometry.map(start, len);
+        if let [ext] = &extents[..] {
+            if let [p] = &ext.pieces[..] {
+                // Most small reads are one piece of one member: no list of futures to join.
+                self.read_piece(ext.stripe, p, &buf, locked).await?;
+                return reclaim(buf);
+            }
+        }
         let reads = extents.iter().flat_map(|ext| ext.pieces.iter().map(|p| self.read_piece(ext.stripe, p, &buf, locked)));
         all(reads.collect::<Vec<_>>()).await?;
         reclaim(buf)
