@@ -190,6 +190,8 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         codec,
         data_offset: reference.data_offset,
         locks: StripeLocks::default(),
+        combiner: Default::default(),
+        combining_writes: Default::default(),
         health: RwLock::new(Arc::new(health)),
         progress: Progress::new(reference.checkpoints.iter().copied()),
         meta: tokio::sync::Mutex::new(reference),

@@ -17,13 +17,14 @@
 //! left; a stripe that has lost more shards than the level tolerates answers EIO.
 
 use super::health::Health;
-use super::{Volume, VolumeError};
+use super::{combine, Volume, VolumeError};
 use crate::buf::{AlignedBuf, ALIGN};
 use crate::layout::{Level, Piece, StripeExtent};
 use crate::member::{Member, MemberError};
 use crate::uring::BufRange;
 use futures::future::join_all;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 const BLOCK: u64 = ALIGN as u64;
@@ -67,6 +68,22 @@ where
 /// Takes back sole ownership of a buffer whose I/O has completed.
 pub(super) fn reclaim(buf: Arc<AlignedBuf>) -> Result<AlignedBuf, VolumeError> {
     Arc::try_unwrap(buf).map_err(|_| VolumeError::Internal("I/O buffer still shared after completion"))
+}
+
+/// Counts a write in progress for as long as it lives.
+struct CountedWrite<'a>(&'a AtomicUsize);
+
+impl<'a> CountedWrite<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        CountedWrite(count)
+    }
+}
+
+impl Drop for CountedWrite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Copies `data` into `buf` at `off` while other regions of `buf` may be in flight.
@@ -283,14 +300,73 @@ impl Volume {
             let buf = if aligned { data } else { self.widen_to_blocks(start, end, offset, &data).await? };
             let buf = Arc::new(buf);
             let extents = self.geometry.map(start, buf.len() as u64);
-            all(extents.iter().map(|ext| async {
-                let _guard = if aligned { Some(self.locks.lock(ext.stripe).await) } else { None };
-                self.write_stripe(ext, &buf).await
-            }))
-            .await?;
+            if aligned && matches!(self.geometry.level, Level::Raid5 | Level::Ec) {
+                self.write_combining(&extents, &buf).await?;
+            } else {
+                all(extents.iter().map(|ext| async {
+                    let _guard = if aligned { Some(self.locks.lock(ext.stripe).await) } else { None };
+                    self.write_stripe(ext, &buf).await
+                }))
+                .await?;
+            }
         }
         if fua {
             self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// An aligned parity-level write: full stripes are written directly, partial ones are offered
+    /// for combining (see `combine`) and written by whoever next holds their stripe's lock.
+    ///
+    /// While other such writes are in progress, the partial stripes wait until the full ones
+    /// are written: a neighbouring request that completes one of them has by then usually
+    /// offered its part, and the stripe goes out once, in full, with no reads. A lone write
+    /// has no neighbour to wait for and writes everything at once.
+    async fn write_combining(&self, extents: &[StripeExtent], buf: &Arc<AlignedBuf>) -> Result<(), VolumeError> {
+        let (full, partial): (Vec<&StripeExtent>, Vec<&StripeExtent>) = extents.iter().partition(|e| e.is_full_stripe(&self.geometry));
+        let tickets: Vec<combine::Ticket> = partial.iter().map(|ext| self.combiner.offer(ext, buf)).collect();
+        let _counted = CountedWrite::enter(&self.combining_writes);
+        let neighbours = self.combining_writes.load(Ordering::Relaxed) > 1;
+        let full_writes = all(full.iter().map(|ext| async {
+            let _guard = self.locks.lock(ext.stripe).await;
+            self.write_stripe(ext, buf).await
+        }));
+        // Every offered part is seen through, whatever happens to the full stripes: each must be
+        // written by someone before its writer answers.
+        let partial_writes = all(tickets.iter().map(|t| self.write_offered(t)));
+        let (full_done, partial_done) = if neighbours {
+            let f = full_writes.await;
+            (f, partial_writes.await)
+        } else {
+            futures::join!(full_writes, partial_writes)
+        };
+        full_done.and(partial_done)
+    }
+
+    /// Takes the stripe's lock, writes every part on offer for it (this write's own, unless a
+    /// previous holder already did), and returns the outcome for this write's part.
+    async fn write_offered(&self, t: &combine::Ticket) -> Result<(), VolumeError> {
+        let _guard = self.locks.lock(t.stripe).await;
+        let offers = self.combiner.take(t.stripe);
+        if !offers.is_empty() {
+            let result = self.write_offers(t.stripe, &offers).await;
+            combine::settle(&offers, &result);
+        }
+        t.outcome()
+    }
+
+    /// Writes parts of one stripe: merged into one stripe write where they fit together, else
+    /// one after the other in the order offered. Caller holds the stripe lock.
+    async fn write_offers(&self, stripe: u64, offers: &[combine::Offer]) -> Result<(), VolumeError> {
+        if offers.len() > 1 {
+            let parts: Vec<(&[u8], &[Piece])> = offers.iter().map(|o| (&o.buf[..], &o.pieces[..])).collect();
+            if let Some((buf, pieces)) = combine::merge(&parts, self.geometry.data_shards, self.geometry.chunk) {
+                return self.write_stripe(&StripeExtent { stripe, pieces }, &Arc::new(buf)).await;
+            }
+        }
+        for o in offers {
+            self.write_stripe(&StripeExtent { stripe, pieces: o.pieces.clone() }, &o.buf).await?;
         }
         Ok(())
     }

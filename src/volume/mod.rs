@@ -7,6 +7,7 @@
 mod admin;
 mod assemble;
 mod check;
+mod combine;
 mod create;
 mod failure;
 #[cfg(test)]
@@ -53,6 +54,9 @@ pub enum VolumeError {
     Exhausted,
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// The write of a stripe that combined this request's part with others failed.
+    #[error("combined stripe write failed: {0}")]
+    CombinedWrite(String),
 }
 
 /// An assembled volume. All methods take `&self` and may run concurrently.
@@ -77,6 +81,10 @@ pub struct Volume {
     checksums: Option<crate::member::ChecksumLayout>,
     /// The partial-parity log (parity levels).
     ppl: Option<ppl::PartialParityLog>,
+    /// Partial-stripe parts of aligned parity-level writes, waiting to be written together.
+    combiner: combine::Combiner,
+    /// Aligned parity-level writes in progress (see `Volume::write_combining`).
+    combining_writes: std::sync::atomic::AtomicUsize,
 }
 
 impl Volume {
