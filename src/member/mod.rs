@@ -360,7 +360,8 @@ impl Member {
     async fn transfer_once(&self, op: &'static str, offset: u64, buf: BufRange) -> Result<(), MemberError> {
         let len = buf.len();
         if self.faults.is_armed() {
-            match self.faults.apply(op == "write", (op == "write").then_some(len)).await {
+            // Boxed: fault injection is for tests, and inline its state would weigh on every I/O.
+            match Box::pin(self.faults.apply(op == "write", (op == "write").then_some(len))).await {
                 Some(faults::Injected::Error(source)) => return Err(MemberError::Io { path: self.path.clone(), op, offset, len, source }),
                 Some(faults::Injected::Tear(keep)) => self.tear_and_die(offset, &buf.bytes()[..keep]),
                 None => {}

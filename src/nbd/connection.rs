@@ -390,13 +390,16 @@ async fn execute<D: BlockDevice>(device: &D, req: &Request, payload: Option<Alig
             }
             Ok(Some(buf))
         }
+        // Boxed, so that the task of every request is only as large as a read's: a task's
+        // future is moved into place when spawned, and copying the write path's larger state
+        // for each 4 KiB read showed up in `perf`.
         Command::Write => {
             let data = payload.ok_or_else(|| DeviceError::Invalid("write without payload".into()))?;
-            device.write(req.offset, data, fua).await.map(|()| None)
+            Box::pin(device.write(req.offset, data, fua)).await.map(|()| None)
         }
-        Command::Flush => device.flush().await.map(|()| None),
-        Command::Trim => device.trim(req.offset, u64::from(req.length)).await.map(|()| None),
-        Command::WriteZeroes => device.write_zeroes(req.offset, u64::from(req.length), fua).await.map(|()| None),
+        Command::Flush => Box::pin(device.flush()).await.map(|()| None),
+        Command::Trim => Box::pin(device.trim(req.offset, u64::from(req.length))).await.map(|()| None),
+        Command::WriteZeroes => Box::pin(device.write_zeroes(req.offset, u64::from(req.length), fua)).await.map(|()| None),
         // check_request never passes these through.
         Command::Disc | Command::Other(_) => Err(DeviceError::Invalid("unsupported command".into())),
     }

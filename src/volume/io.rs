@@ -205,12 +205,14 @@ impl Volume {
     async fn read_piece(&self, stripe: u64, p: &Piece, buf: &Arc<AlignedBuf>, locked: bool) -> Result<(), VolumeError> {
         loop {
             match self.piece_source(&self.health(), stripe, p) {
+                // The rare paths are boxed: inline, their state would make every read's future
+                // (moved into a task per request) several times larger.
                 Some(m) => match member_read(&m, self.member_pos(stripe, p.chunk_offset), buf, p.buf_offset, p.len).await {
                     Ok(()) => return Ok(()),
-                    Err(f) if f.error.is_checksum() => return self.read_piece_healed(stripe, p, buf, locked).await,
-                    Err(f) => self.member_failed(&f.member, &f.error).await,
+                    Err(f) if f.error.is_checksum() => return Box::pin(self.read_piece_healed(stripe, p, buf, locked)).await,
+                    Err(f) => Box::pin(self.member_failed(&f.member, &f.error)).await,
                 },
-                None if matches!(self.geometry.level, Level::Raid5 | Level::Ec) => return self.read_piece_degraded(stripe, p, buf, locked).await,
+                None if matches!(self.geometry.level, Level::Raid5 | Level::Ec) => return Box::pin(self.read_piece_degraded(stripe, p, buf, locked)).await,
                 None => return Err(VolumeError::Unavailable { stripe }),
             }
         }
