@@ -108,7 +108,16 @@ impl ByteBudget {
 struct Reply {
     head: ReplyHead,
     data: Option<AlignedBuf>,
-    _permits: Vec<OwnedSemaphorePermit>,
+    _permits: Permits,
+}
+
+/// What one request holds while in flight: its place in the connection's request limit and,
+/// for reads and writes, its bytes in the connection's and the server's budgets.
+#[derive(Default)]
+struct Permits {
+    _request: Option<OwnedSemaphorePermit>,
+    _connection_bytes: Option<OwnedSemaphorePermit>,
+    _server_bytes: Option<OwnedSemaphorePermit>,
 }
 
 impl Reply {
@@ -118,7 +127,7 @@ impl Reply {
         } else {
             ReplyHead::inline(&proto::encode_simple_reply(cookie, code.as_u32()))
         };
-        Reply { head, data: None, _permits: Vec::new() }
+        Reply { head, data: None, _permits: Permits::default() }
     }
 
     fn bytes(&self) -> usize {
@@ -333,8 +342,10 @@ where
         }
 
         // Semaphores are never closed, so acquisition only fails if that invariant is broken.
-        let mut permits = Vec::with_capacity(3);
-        permits.push(in_flight.clone().acquire_owned().await.map_err(|_| io::Error::other("in-flight semaphore closed"))?);
+        let mut permits = Permits {
+            _request: Some(in_flight.clone().acquire_owned().await.map_err(|_| io::Error::other("in-flight semaphore closed"))?),
+            ..Permits::default()
+        };
         let cost = match req.command {
             Command::Read | Command::Write => req.length,
             _ => 0,
@@ -342,8 +353,8 @@ where
         if cost > 0 {
             // Per connection first: a connection at its own limit must not hold server-wide
             // room while it waits.
-            permits.push(bytes_budget.acquire(cost).await?);
-            permits.push(ctx.server_bytes.acquire(cost).await?);
+            permits._connection_bytes = Some(bytes_budget.acquire(cost).await?);
+            permits._server_bytes = Some(ctx.server_bytes.acquire(cost).await?);
         }
 
         let device = ctx.device.clone();
@@ -405,7 +416,7 @@ async fn execute<D: BlockDevice>(device: &D, req: &Request, payload: Option<Alig
     }
 }
 
-fn encode_result(session: &Session, req: &Request, result: Result<Option<AlignedBuf>, DeviceError>, permits: Vec<OwnedSemaphorePermit>) -> Reply {
+fn encode_result(session: &Session, req: &Request, result: Result<Option<AlignedBuf>, DeviceError>, permits: Permits) -> Reply {
     let mut reply = match result {
         Err(e) => {
             let code = error_code(&e);
@@ -425,7 +436,7 @@ fn encode_result(session: &Session, req: &Request, result: Result<Option<Aligned
                 (None, true) => ReplyHead::inline(&proto::encode_chunk_none(req.cookie)),
                 (_, false) => ReplyHead::inline(&proto::encode_simple_reply(req.cookie, 0)),
             };
-            Reply { head, data, _permits: Vec::new() }
+            Reply { head, data, _permits: Permits::default() }
         }
     };
     reply._permits = permits;
