@@ -91,10 +91,11 @@ impl RingFile {
         &self.file
     }
 
-    fn target(&self) -> Target {
+    /// The descriptor an SQE names the file by, and the flag saying it is a registered slot.
+    fn sqe_fd(&self) -> (types::Fd, squeue::Flags) {
         match self.slot {
-            Some(i) => Target::Fixed(types::Fixed(i)),
-            None => Target::Fd(types::Fd(self.file.as_raw_fd())),
+            Some(i) => (types::Fd(i as RawFd), squeue::Flags::FIXED_FILE),
+            None => (types::Fd(self.file.as_raw_fd()), squeue::Flags::empty()),
         }
     }
 }
@@ -111,30 +112,10 @@ impl Drop for RingFile {
     }
 }
 
-enum Target {
-    Fd(types::Fd),
-    Fixed(types::Fixed),
-}
-
 enum OpKind {
     Read { offset: u64, buf: BufRange },
     Write { offset: u64, buf: BufRange },
     Fsync { datasync: bool },
-}
-
-/// The SQE for an operation on `fd`, a descriptor or a registered-file slot. A macro because
-/// the io-uring crate's trait covering both is sealed.
-macro_rules! op_entry {
-    ($kind:expr, $fd:expr) => {
-        match $kind {
-            OpKind::Read { offset, buf } => opcode::Read::new($fd, buf.ptr(), buf.len as u32).offset(*offset).build(),
-            OpKind::Write { offset, buf } => opcode::Write::new($fd, buf.ptr() as *const u8, buf.len as u32).offset(*offset).build(),
-            OpKind::Fsync { datasync } => {
-                let flags = if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
-                opcode::Fsync::new($fd).flags(flags).build()
-            }
-        }
-    };
 }
 
 struct Op {
@@ -145,11 +126,16 @@ struct Op {
 
 impl Op {
     fn entry(&self, user_data: u64) -> squeue::Entry {
-        let entry = match self.file.target() {
-            Target::Fd(fd) => op_entry!(&self.kind, fd),
-            Target::Fixed(fd) => op_entry!(&self.kind, fd),
+        let (fd, flags) = self.file.sqe_fd();
+        let entry = match &self.kind {
+            OpKind::Read { offset, buf } => opcode::Read::new(fd, buf.ptr(), buf.len as u32).offset(*offset).build(),
+            OpKind::Write { offset, buf } => opcode::Write::new(fd, buf.ptr() as *const u8, buf.len as u32).offset(*offset).build(),
+            OpKind::Fsync { datasync } => {
+                let flags = if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+                opcode::Fsync::new(fd).flags(flags).build()
+            }
         };
-        entry.user_data(user_data)
+        entry.flags(flags).user_data(user_data)
     }
 }
 
