@@ -15,7 +15,7 @@
 
 use super::VolumeError;
 use crate::buf::AlignedBuf;
-use crate::layout::{Piece, StripeExtent};
+use crate::layout::{Geometry, Piece, StripeExtent};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -77,15 +77,15 @@ pub(super) fn settle(offers: &[Offer], result: &Result<(), VolumeError>) {
     }
 }
 
-/// Merges parts of one stripe (`k` data chunks of `chunk` bytes) into one buffer and the
-/// pieces that describe it, shaped as the layout maps one request: the pieces cover one
-/// contiguous range of the stripe's data and lie back to back in the buffer. `None` when the
-/// parts leave a gap: those are written one by one.
-pub(super) fn merge(parts: &[(&[u8], &[Piece])], k: u32, chunk: u64) -> Option<(AlignedBuf, Vec<Piece>)> {
+/// Merges parts of one stripe into one buffer and the extent that describes it, as the layout
+/// maps a request over the range they cover: they must cover one contiguous range of the
+/// stripe's data. `None` when the parts leave a gap: those are written one by one.
+pub(super) fn merge(parts: &[(&[u8], &[Piece])], g: &Geometry, stripe: u64) -> Option<(AlignedBuf, StripeExtent)> {
     const B: u64 = crate::buf::ALIGN as u64;
-    // Stripe data in volume order: shard 0's chunk, then shard 1's, and so on.
-    let at = |p: &Piece| p.shard as u64 * chunk + p.chunk_offset;
-    let mut covered = vec![false; (k as u64 * chunk / B) as usize];
+    // Offset of a piece within the stripe's data, which is in volume order: shard 0's chunk,
+    // then shard 1's, and so on.
+    let at = |p: &Piece| p.shard as u64 * g.chunk + p.chunk_offset;
+    let mut covered = vec![false; (g.stripe_data_bytes() / B) as usize];
     for (_, pieces) in parts {
         for p in *pieces {
             covered[(at(p) / B) as usize..][..(p.len / B) as usize].iter_mut().for_each(|c| *c = true);
@@ -96,21 +96,17 @@ pub(super) fn merge(parts: &[(&[u8], &[Piece])], k: u32, chunk: u64) -> Option<(
     if covered[(first + blocks) as usize..].iter().any(|&c| c) {
         return None;
     }
-    let (start, end) = (first * B, (first + blocks) * B);
-    let mut out = AlignedBuf::zeroed((end - start) as usize);
+    let start = first * B;
+    let mut out = AlignedBuf::zeroed((blocks * B) as usize);
     for (buf, pieces) in parts {
         for p in *pieces {
             let to = (at(p) - start) as usize;
             out[to..to + p.len as usize].copy_from_slice(&buf[p.buf_offset as usize..][..p.len as usize]);
         }
     }
-    let merged = (0..k)
-        .filter_map(|shard| {
-            let (lo, hi) = ((shard as u64 * chunk).max(start), ((shard as u64 + 1) * chunk).min(end));
-            (lo < hi).then(|| Piece { shard, chunk_offset: lo - shard as u64 * chunk, len: hi - lo, buf_offset: lo - start })
-        })
-        .collect();
-    Some((out, merged))
+    let mut extents = g.map(stripe * g.stripe_data_bytes() + start, blocks * B);
+    let ext = extents.pop().filter(|_| extents.is_empty())?;
+    Some((out, ext))
 }
 
 #[cfg(test)]
@@ -118,8 +114,16 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    use crate::layout::Level;
+
     const CHUNK: u64 = 16 * 1024;
     const K: u32 = 3;
+    const STRIPE: u64 = 5;
+
+    /// raid5 with K data shards of CHUNK bytes.
+    fn geometry() -> Geometry {
+        Geometry::new(Level::Raid5, K + 1, None, CHUNK, 64 * CHUNK).unwrap()
+    }
 
     fn piece(shard: u32, chunk_offset: u64, len: u64, buf_offset: u64) -> Piece {
         Piece { shard, chunk_offset, len, buf_offset }
@@ -132,7 +136,9 @@ mod tests {
         let b: Vec<u8> = vec![0xbb; (CHUNK - 8192 + CHUNK) as usize];
         let pa = [piece(0, 0, CHUNK, 0), piece(1, 0, 8192, CHUNK)];
         let pb = [piece(1, 8192, CHUNK - 8192, 0), piece(2, 0, CHUNK, CHUNK - 8192)];
-        let (buf, pieces) = merge(&[(&a, &pa), (&b, &pb)], K, CHUNK).unwrap();
+        let (buf, ext) = merge(&[(&a, &pa), (&b, &pb)], &geometry(), STRIPE).unwrap();
+        assert_eq!(ext.stripe, STRIPE);
+        let pieces = ext.pieces;
         assert_eq!(pieces, vec![piece(0, 0, CHUNK, 0), piece(1, 0, CHUNK, CHUNK), piece(2, 0, CHUNK, 2 * CHUNK)]);
         assert_eq!(pieces.iter().map(|p| p.len).sum::<u64>(), K as u64 * CHUNK, "a full stripe");
         let c = CHUNK as usize;
@@ -144,16 +150,16 @@ mod tests {
     fn parts_with_a_gap_are_not_merged() {
         let a = vec![1u8; 4096];
         let b = vec![2u8; 4096];
-        assert!(merge(&[(&a, &[piece(0, 0, 4096, 0)]), (&b, &[piece(0, 8192, 4096, 0)])], K, CHUNK).is_none());
-        assert!(merge(&[(&a, &[piece(0, 0, 4096, 0)]), (&b, &[piece(1, 0, 4096, 0)])], K, CHUNK).is_none());
+        assert!(merge(&[(&a, &[piece(0, 0, 4096, 0)]), (&b, &[piece(0, 8192, 4096, 0)])], &geometry(), STRIPE).is_none());
+        assert!(merge(&[(&a, &[piece(0, 0, 4096, 0)]), (&b, &[piece(1, 0, 4096, 0)])], &geometry(), STRIPE).is_none());
     }
 
     #[test]
     fn parts_meeting_across_a_chunk_boundary_merge_into_a_partial_stripe() {
         let a = vec![1u8; 4096];
         let b = vec![2u8; 8192];
-        let (buf, pieces) = merge(&[(&a, &[piece(0, CHUNK - 4096, 4096, 0)]), (&b, &[piece(1, 0, 8192, 0)])], K, CHUNK).unwrap();
-        assert_eq!(pieces, vec![piece(0, CHUNK - 4096, 4096, 0), piece(1, 0, 8192, 4096)]);
+        let (buf, ext) = merge(&[(&a, &[piece(0, CHUNK - 4096, 4096, 0)]), (&b, &[piece(1, 0, 8192, 0)])], &geometry(), STRIPE).unwrap();
+        assert_eq!(ext.pieces, vec![piece(0, CHUNK - 4096, 4096, 0), piece(1, 0, 8192, 4096)]);
         assert_eq!(buf.len(), 12288);
         assert!(buf[..4096].iter().all(|&x| x == 1) && buf[4096..].iter().all(|&x| x == 2));
     }
@@ -183,9 +189,11 @@ mod tests {
             let first = expect.iter().position(|&e| e != 0).unwrap();
             let last = expect.iter().rposition(|&e| e != 0).unwrap();
             let contiguous = expect[first..=last].iter().all(|&e| e != 0);
-            match merge(&input, K, CHUNK) {
+            match merge(&input, &geometry(), STRIPE) {
                 None => prop_assert!(!contiguous),
-                Some((buf, merged)) => {
+                Some((buf, ext)) => {
+                    prop_assert_eq!(ext.stripe, STRIPE);
+                    let merged = ext.pieces;
                     prop_assert!(contiguous);
                     prop_assert_eq!(buf.len(), (last - first + 1) * 4096);
                     let mut next = 0;

@@ -305,9 +305,13 @@ impl Volume {
             if aligned && matches!(self.geometry.level, Level::Raid5 | Level::Ec) {
                 self.write_combining(&extents, &buf).await?;
             } else {
+                // Unaligned, the stripes are already locked (above).
                 all(extents.iter().map(|ext| async {
-                    let _guard = if aligned { Some(self.locks.lock(ext.stripe).await) } else { None };
-                    self.write_stripe(ext, &buf).await
+                    if aligned {
+                        self.write_stripe_locked(ext, &buf).await
+                    } else {
+                        self.write_stripe(ext, &buf).await
+                    }
                 }))
                 .await?;
             }
@@ -330,10 +334,7 @@ impl Volume {
         let tickets: Vec<combine::Ticket> = partial.iter().map(|ext| self.combiner.offer(ext, buf)).collect();
         let _counted = CountedWrite::enter(&self.combining_writes);
         let neighbours = self.combining_writes.load(Ordering::Relaxed) > 1;
-        let full_writes = all(full.iter().map(|ext| async {
-            let _guard = self.locks.lock(ext.stripe).await;
-            self.write_stripe(ext, buf).await
-        }));
+        let full_writes = all(full.iter().map(|ext| self.write_stripe_locked(ext, buf)));
         // Every offered part is seen through, whatever happens to the full stripes: each must be
         // written by someone before its writer answers.
         let partial_writes = all(tickets.iter().map(|t| self.write_offered(t)));
@@ -363,8 +364,8 @@ impl Volume {
     async fn write_offers(&self, stripe: u64, offers: &[combine::Offer]) -> Result<(), VolumeError> {
         if offers.len() > 1 {
             let parts: Vec<(&[u8], &[Piece])> = offers.iter().map(|o| (&o.buf[..], &o.pieces[..])).collect();
-            if let Some((buf, pieces)) = combine::merge(&parts, self.geometry.data_shards, self.geometry.chunk) {
-                return self.write_stripe(&StripeExtent { stripe, pieces }, &Arc::new(buf)).await;
+            if let Some((buf, ext)) = combine::merge(&parts, &self.geometry, stripe) {
+                return self.write_stripe(&ext, &Arc::new(buf)).await;
             }
         }
         for o in offers {
@@ -391,6 +392,12 @@ impl Volume {
         }
         buf[(offset - start) as usize..][..data.len()].copy_from_slice(data);
         Ok(buf)
+    }
+
+    /// Takes the stripe's lock and writes one stripe's part of a request.
+    async fn write_stripe_locked(&self, ext: &StripeExtent, buf: &Arc<AlignedBuf>) -> Result<(), VolumeError> {
+        let _guard = self.locks.lock(ext.stripe).await;
+        self.write_stripe(ext, buf).await
     }
 
     /// Writes one stripe's part of a request; caller holds the stripe lock.
