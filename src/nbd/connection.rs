@@ -5,8 +5,8 @@
 //!   into an [`AlignedBuf`] of exactly the request length, and spawns each valid request onto its
 //!   own task, so slow requests never hold up fast ones;
 //! - every reply (from request tasks, or errors from the reader itself) goes through one bounded
-//!   channel to a single *writer* task, which writes whatever is queued with one vectored write
-//!   and flushes only when the queue is empty;
+//!   channel to a single *writer* task, which writes whatever is queued in batches, with
+//!   vectored writes straight from the replies' own buffers;
 //! - in-flight work is bounded per connection by a request-count semaphore and a byte-budget
 //!   semaphore. Permits travel with the reply and are released only once it has been written, so
 //!   "all permits available" means every accepted request has been answered.
