@@ -68,11 +68,11 @@ pub fn seal(area: &mut [u8], volume_uuid: &[u8; 16], region_stripes: u64, region
 /// Records the checksum of bits page `i` in the header (then call [`reseal_header`]).
 pub fn reseal_page_crc(header: &mut [u8], i: usize, page: &[u8]) {
     let at = PAGE_CRCS_AT + 4 * i;
-    header[at..at + 4].copy_from_slice(&crc32c::crc32c(page).to_le_bytes());
+    header[at..at + 4].copy_from_slice(&crate::codec::crc32c(page).to_le_bytes());
 }
 
 pub fn reseal_header(header: &mut [u8]) {
-    let crc = crc32c::crc32c(&header[..CRC_AT]);
+    let crc = crate::codec::crc32c(&header[..CRC_AT]);
     header[CRC_AT..PAGE].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -87,7 +87,7 @@ pub fn dirty_regions(area: &[u8], volume_uuid: &[u8; 16], region_stripes: u64, r
         return Err(BitmapError::NoMagic);
     }
     let stored = u32::from_le_bytes(header[CRC_AT..PAGE].try_into().expect("4 bytes"));
-    if crc32c::crc32c(&header[..CRC_AT]) != stored {
+    if crate::codec::crc32c(&header[..CRC_AT]) != stored {
         return Err(BitmapError::BadChecksum);
     }
     let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
@@ -103,7 +103,7 @@ pub fn dirty_regions(area: &[u8], volume_uuid: &[u8; 16], region_stripes: u64, r
         let at = PAGE_CRCS_AT + 4 * i;
         let want = u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
         let first = (i * PAGE * 8) as u64;
-        let torn = crc32c::crc32c(page) != want;
+        let torn = crate::codec::crc32c(page) != want;
         for bit in 0..(PAGE * 8) as u64 {
             let r = first + bit;
             if r >= regions {

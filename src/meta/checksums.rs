@@ -65,7 +65,7 @@ impl Entry {
 
 /// crc32c of one data block.
 pub fn block_crc(block: &[u8]) -> u32 {
-    crc32c::crc32c(block)
+    crate::codec::crc32c(block)
 }
 
 /// Entry of a block of zeros (every block of a freshly created member).
@@ -94,7 +94,7 @@ fn page_crc(uuid: &[u8; 16], page: u64, bytes: &[u8]) -> u32 {
     seed[..4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     seed[4..20].copy_from_slice(uuid);
     seed[20..].copy_from_slice(&page.to_le_bytes());
-    crc32c::crc32c_append(crc32c::crc32c(&seed), &bytes[..CRC_OFFSET])
+    crate::codec::crc32c_append(crate::codec::crc32c(&seed), &bytes[..CRC_OFFSET])
 }
 
 /// Encodes page `page` with `entries` (at most 511; the rest are [`UNKNOWN`]) into `out`.

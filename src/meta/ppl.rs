@@ -85,7 +85,7 @@ fn header_crc(uuid: &[u8; 16], slot: u32, b: &[u8]) -> u32 {
     let mut seed = [0u8; 20];
     seed[..16].copy_from_slice(uuid);
     seed[16..].copy_from_slice(&slot.to_le_bytes());
-    crc32c::crc32c_append(crc32c::crc32c(&seed), &b[..CRC_AT])
+    crate::codec::crc32c_append(crate::codec::crc32c(&seed), &b[..CRC_AT])
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {

@@ -196,7 +196,7 @@ impl Superblock {
         b[CHECKSUM_OFFSET_AT..CHECKSUM_OFFSET_AT + 8].copy_from_slice(&self.checksum_offset.to_le_bytes());
         b[PPL_OFFSET_AT..PPL_OFFSET_AT + 8].copy_from_slice(&self.ppl_offset.to_le_bytes());
         b[PPL_SLOTS_AT..PPL_SLOTS_AT + 4].copy_from_slice(&self.ppl_slots.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
+        let crc = crate::codec::crc32c(&b[..CRC_OFFSET]);
         b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -210,7 +210,7 @@ impl Superblock {
             return Err(SuperblockError::NoMagic);
         }
         let stored = u32_at(b, CRC_OFFSET);
-        if crc32c::crc32c(&b[..CRC_OFFSET]) != stored {
+        if crate::codec::crc32c(&b[..CRC_OFFSET]) != stored {
             return Err(SuperblockError::BadChecksum);
         }
         let version = u32_at(b, 8);
@@ -436,7 +436,7 @@ mod tests {
         #[test]
         fn decode_never_panics_with_valid_magic_and_crc(mut bytes in proptest::collection::vec(any::<u8>(), 4096)) {
             bytes[0..8].copy_from_slice(MAGIC);
-            let crc = crc32c::crc32c(&bytes[..CRC_OFFSET]);
+            let crc = crate::codec::crc32c(&bytes[..CRC_OFFSET]);
             bytes[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
             let _ = Superblock::decode(&bytes);
         }

@@ -107,7 +107,7 @@ impl Volume {
             len: pp.len() as u64,
             full: partial_parity.is_none(),
             pieces: ext.pieces.iter().take(fmt::MAX_PIECES).map(|p| LoggedPiece { shard: p.shard, chunk_offset: p.chunk_offset, len: p.len }).collect(),
-            parity_crc: crc32c::crc32c(pp),
+            parity_crc: crate::codec::crc32c(pp),
         };
         let mut buf = AlignedBuf::zeroed(fmt::HEADER + pp.len());
         fmt::encode_header(&mut buf[..fmt::HEADER], &self.uuid, slot.slot as u32, &record);
@@ -136,7 +136,7 @@ impl Volume {
             for (slot, raw) in buf.chunks(log.slot_bytes as usize).enumerate() {
                 let Some(r) = fmt::decode_header(raw, &self.uuid, slot as u32, self.geometry.chunk) else { continue };
                 let pp = &raw[fmt::HEADER..][..r.len as usize];
-                if crc32c::crc32c(pp) != r.parity_crc || r.stripe >= self.geometry.stripes {
+                if crate::codec::crc32c(pp) != r.parity_crc || r.stripe >= self.geometry.stripes {
                     continue; // torn: its stripe write was never issued
                 }
                 max_seq = max_seq.max(r.seq);
