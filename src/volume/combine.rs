@@ -10,6 +10,8 @@
 //! How: a write *offers* each of its partial-stripe parts before doing anything else. Whoever
 //! next holds the stripe's lock takes every part on offer for that stripe and writes them as
 //! one; each offering write then finds its part's outcome set when it gets the lock in turn.
+//! The write whose part makes the offers cover the whole stripe is told so, and writes the
+//! stripe at once rather than waiting for its turn (see `Volume::write_combining`).
 //! Parts are merged in the order they were offered, a later one winning where two overlap
 //! (concurrent overlapping writes have no defined order in NBD either).
 
@@ -55,11 +57,17 @@ pub(super) struct Combiner {
 }
 
 impl Combiner {
-    pub fn offer(&self, ext: &StripeExtent, buf: &Arc<AlignedBuf>) -> Ticket {
+    /// Puts a write's part of a stripe on offer. Also says whether the parts now on offer for
+    /// that stripe cover all of its data: such a stripe has nothing more to wait for and can be
+    /// written in full at once.
+    pub fn offer(&self, ext: &StripeExtent, buf: &Arc<AlignedBuf>, g: &Geometry) -> (Ticket, bool) {
         let outcome = Arc::new(Outcome::default());
         let offer = Offer { buf: buf.clone(), pieces: ext.pieces.clone(), outcome: outcome.clone() };
-        self.offers.lock().unwrap_or_else(|p| p.into_inner()).entry(ext.stripe).or_default().push(offer);
-        Ticket { stripe: ext.stripe, outcome }
+        let mut offers = self.offers.lock().unwrap_or_else(|p| p.into_inner());
+        let on_offer = offers.entry(ext.stripe).or_default();
+        on_offer.push(offer);
+        let full = coverage(on_offer.iter().map(|o| &o.pieces[..]), g).iter().all(|&c| c);
+        (Ticket { stripe: ext.stripe, outcome }, full)
     }
 
     /// Every part on offer for `stripe`, oldest first. Caller holds the stripe lock and must
@@ -77,26 +85,37 @@ pub(super) fn settle(offers: &[Offer], result: &Result<(), VolumeError>) {
     }
 }
 
+const B: u64 = crate::buf::ALIGN as u64;
+
+/// Offset of a piece within its stripe's data, which is in volume order: shard 0's chunk, then
+/// shard 1's, and so on.
+fn stripe_data_offset(p: &Piece, g: &Geometry) -> u64 {
+    p.shard as u64 * g.chunk + p.chunk_offset
+}
+
+/// Which blocks of a stripe's data the given parts' pieces write.
+fn coverage<'a>(parts: impl Iterator<Item = &'a [Piece]>, g: &Geometry) -> Vec<bool> {
+    let mut covered = vec![false; (g.stripe_data_bytes() / B) as usize];
+    for pieces in parts {
+        for p in pieces {
+            covered[(stripe_data_offset(p, g) / B) as usize..][..(p.len / B) as usize].iter_mut().for_each(|c| *c = true);
+        }
+    }
+    covered
+}
+
 /// Merges parts of one stripe into one buffer and the extent that describes it, as the layout
 /// maps a request over the range they cover: they must cover one contiguous range of the
 /// stripe's data. `None` when the parts leave a gap: those are written one by one.
 pub(super) fn merge(parts: &[(&[u8], &[Piece])], g: &Geometry, stripe: u64) -> Option<(AlignedBuf, StripeExtent)> {
-    const B: u64 = crate::buf::ALIGN as u64;
-    // Offset of a piece within the stripe's data, which is in volume order: shard 0's chunk,
-    // then shard 1's, and so on.
-    let at = |p: &Piece| p.shard as u64 * g.chunk + p.chunk_offset;
-    let mut covered = vec![false; (g.stripe_data_bytes() / B) as usize];
-    for (_, pieces) in parts {
-        for p in *pieces {
-            covered[(at(p) / B) as usize..][..(p.len / B) as usize].iter_mut().for_each(|c| *c = true);
-        }
-    }
+    let covered = coverage(parts.iter().map(|(_, pieces)| *pieces), g);
     let first = covered.iter().position(|&c| c)? as u64;
     let blocks = covered[first as usize..].iter().take_while(|&&c| c).count() as u64;
     if covered[(first + blocks) as usize..].iter().any(|&c| c) {
         return None;
     }
     let start = first * B;
+    let at = |p: &Piece| stripe_data_offset(p, g);
     let mut out = AlignedBuf::zeroed((blocks * B) as usize);
     for (buf, pieces) in parts {
         for p in *pieces {
@@ -144,6 +163,25 @@ mod tests {
         let c = CHUNK as usize;
         assert!(buf[..c + 8192].iter().all(|&x| x == 0xaa));
         assert!(buf[c + 8192..].iter().all(|&x| x == 0xbb));
+    }
+
+    #[test]
+    fn the_part_that_completes_a_stripe_on_offer_is_told_so() {
+        let g = geometry();
+        let c = Combiner::default();
+        let buf = Arc::new(AlignedBuf::zeroed((2 * CHUNK) as usize));
+        let ext = |pieces: Vec<Piece>| StripeExtent { stripe: STRIPE, pieces };
+        // The tail of one request, then the next request's head, with a block missing between.
+        let (_, full) = c.offer(&ext(vec![piece(0, 0, CHUNK, 0), piece(1, 0, 8192, CHUNK)]), &buf, &g);
+        assert!(!full, "a third of the stripe is not all of it");
+        let (_, full) = c.offer(&ext(vec![piece(1, 12288, CHUNK - 12288, 0), piece(2, 0, CHUNK, CHUNK - 12288)]), &buf, &g);
+        assert!(!full, "block 2 of shard 1 is on offer from nobody");
+        let (_, full) = c.offer(&ext(vec![piece(1, 8192, 4096, 0)]), &buf, &g);
+        assert!(full, "every block of the stripe is now on offer");
+        // Another stripe's offers do not count towards this one.
+        let (_, full) = c.offer(&StripeExtent { stripe: STRIPE + 1, pieces: vec![piece(0, 0, CHUNK, 0)] }, &buf, &g);
+        assert!(!full);
+        assert_eq!(c.take(STRIPE).len(), 3);
     }
 
     #[test]

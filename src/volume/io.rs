@@ -325,26 +325,34 @@ impl Volume {
     /// An aligned parity-level write: full stripes are written directly, partial ones are offered
     /// for combining (see `combine`) and written by whoever next holds their stripe's lock.
     ///
-    /// While other such writes are in progress, the partial stripes wait until the full ones
-    /// are written: a neighbouring request that completes one of them has by then usually
-    /// offered its part, and the stripe goes out once, in full, with no reads. A lone write
-    /// has no neighbour to wait for and writes everything at once.
+    /// While other such writes are in progress, a partial stripe waits until the full ones are
+    /// written: a neighbouring request that completes it has by then usually offered its part,
+    /// and the stripe goes out once, in full, with no reads. The write whose part completes a
+    /// stripe on offer writes that stripe at once, alongside its full ones: in a sequential
+    /// stream every request but the first finds its head stripe completed that way, and
+    /// waiting would put a second round of disk writes into its latency. A lone write has no
+    /// neighbour to wait for and writes everything at once.
     async fn write_combining(&self, extents: &[StripeExtent], buf: &Arc<AlignedBuf>) -> Result<(), VolumeError> {
         let (full, partial): (Vec<&StripeExtent>, Vec<&StripeExtent>) = extents.iter().partition(|e| e.is_full_stripe(&self.geometry));
-        let tickets: Vec<combine::Ticket> = partial.iter().map(|ext| self.combiner.offer(ext, buf)).collect();
+        let (completed, waiting): (Vec<(combine::Ticket, bool)>, Vec<(combine::Ticket, bool)>) =
+            partial.iter().map(|ext| self.combiner.offer(ext, buf, &self.geometry)).partition(|(_, stripe_covered)| *stripe_covered);
         let _counted = CountedWrite::enter(&self.combining_writes);
         let neighbours = self.combining_writes.load(Ordering::Relaxed) > 1;
-        let full_writes = all(full.iter().map(|ext| self.write_stripe_locked(ext, buf)));
-        // Every offered part is seen through, whatever happens to the full stripes: each must be
-        // written by someone before its writer answers.
-        let partial_writes = all(tickets.iter().map(|t| self.write_offered(t)));
-        let (full_done, partial_done) = if neighbours {
-            let f = full_writes.await;
-            (f, partial_writes.await)
-        } else {
-            futures::join!(full_writes, partial_writes)
+        let now = async {
+            let (full_done, completed_done) =
+                futures::join!(all(full.iter().map(|ext| self.write_stripe_locked(ext, buf))), all(completed.iter().map(|(t, _)| self.write_offered(t))));
+            full_done.and(completed_done)
         };
-        full_done.and(partial_done)
+        // Every offered part is seen through, whatever happens to the others: each must be
+        // written by someone before its writer answers.
+        let later = all(waiting.iter().map(|(t, _)| self.write_offered(t)));
+        let (now_done, later_done) = if neighbours {
+            let n = now.await;
+            (n, later.await)
+        } else {
+            futures::join!(now, later)
+        };
+        now_done.and(later_done)
     }
 
     /// Takes the stripe's lock, writes every part on offer for it (this write's own, unless a
