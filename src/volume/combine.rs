@@ -35,6 +35,9 @@ struct Outcome(Mutex<Option<Result<(), String>>>);
 /// What an offering write keeps: where to find its part's outcome.
 pub(super) struct Ticket {
     pub stripe: u64,
+    /// With this part, the parts on offer for the stripe covered all of its data: the stripe
+    /// has nothing more to wait for and can be written in full at once.
+    pub completes_stripe: bool,
     outcome: Arc<Outcome>,
 }
 
@@ -57,17 +60,15 @@ pub(super) struct Combiner {
 }
 
 impl Combiner {
-    /// Puts a write's part of a stripe on offer. Also says whether the parts now on offer for
-    /// that stripe cover all of its data: such a stripe has nothing more to wait for and can be
-    /// written in full at once.
-    pub fn offer(&self, ext: &StripeExtent, buf: &Arc<AlignedBuf>, g: &Geometry) -> (Ticket, bool) {
+    /// Puts a write's part of a stripe on offer.
+    pub fn offer(&self, ext: &StripeExtent, buf: &Arc<AlignedBuf>, g: &Geometry) -> Ticket {
         let outcome = Arc::new(Outcome::default());
         let offer = Offer { buf: buf.clone(), pieces: ext.pieces.clone(), outcome: outcome.clone() };
         let mut offers = self.offers.lock().unwrap_or_else(|p| p.into_inner());
         let on_offer = offers.entry(ext.stripe).or_default();
         on_offer.push(offer);
-        let full = coverage(on_offer.iter().map(|o| &o.pieces[..]), g).iter().all(|&c| c);
-        (Ticket { stripe: ext.stripe, outcome }, full)
+        let completes_stripe = coverage(on_offer.iter().map(|o| &o.pieces[..]), g).iter().all(|&c| c);
+        Ticket { stripe: ext.stripe, completes_stripe, outcome }
     }
 
     /// Every part on offer for `stripe`, oldest first. Caller holds the stripe lock and must
@@ -172,14 +173,14 @@ mod tests {
         let buf = Arc::new(AlignedBuf::zeroed((2 * CHUNK) as usize));
         let ext = |pieces: Vec<Piece>| StripeExtent { stripe: STRIPE, pieces };
         // The tail of one request, then the next request's head, with a block missing between.
-        let (_, full) = c.offer(&ext(vec![piece(0, 0, CHUNK, 0), piece(1, 0, 8192, CHUNK)]), &buf, &g);
+        let full = c.offer(&ext(vec![piece(0, 0, CHUNK, 0), piece(1, 0, 8192, CHUNK)]), &buf, &g).completes_stripe;
         assert!(!full, "a third of the stripe is not all of it");
-        let (_, full) = c.offer(&ext(vec![piece(1, 12288, CHUNK - 12288, 0), piece(2, 0, CHUNK, CHUNK - 12288)]), &buf, &g);
+        let full = c.offer(&ext(vec![piece(1, 12288, CHUNK - 12288, 0), piece(2, 0, CHUNK, CHUNK - 12288)]), &buf, &g).completes_stripe;
         assert!(!full, "block 2 of shard 1 is on offer from nobody");
-        let (_, full) = c.offer(&ext(vec![piece(1, 8192, 4096, 0)]), &buf, &g);
+        let full = c.offer(&ext(vec![piece(1, 8192, 4096, 0)]), &buf, &g).completes_stripe;
         assert!(full, "every block of the stripe is now on offer");
         // Another stripe's offers do not count towards this one.
-        let (_, full) = c.offer(&StripeExtent { stripe: STRIPE + 1, pieces: vec![piece(0, 0, CHUNK, 0)] }, &buf, &g);
+        let full = c.offer(&StripeExtent { stripe: STRIPE + 1, pieces: vec![piece(0, 0, CHUNK, 0)] }, &buf, &g).completes_stripe;
         assert!(!full);
         assert_eq!(c.take(STRIPE).len(), 3);
     }

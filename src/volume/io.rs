@@ -334,18 +334,18 @@ impl Volume {
     /// neighbour to wait for and writes everything at once.
     async fn write_combining(&self, extents: &[StripeExtent], buf: &Arc<AlignedBuf>) -> Result<(), VolumeError> {
         let (full, partial): (Vec<&StripeExtent>, Vec<&StripeExtent>) = extents.iter().partition(|e| e.is_full_stripe(&self.geometry));
-        let (completed, waiting): (Vec<(combine::Ticket, bool)>, Vec<(combine::Ticket, bool)>) =
-            partial.iter().map(|ext| self.combiner.offer(ext, buf, &self.geometry)).partition(|(_, stripe_covered)| *stripe_covered);
+        let (completed, waiting): (Vec<combine::Ticket>, Vec<combine::Ticket>) =
+            partial.iter().map(|ext| self.combiner.offer(ext, buf, &self.geometry)).partition(|t| t.completes_stripe);
         let _counted = CountedWrite::enter(&self.combining_writes);
         let neighbours = self.combining_writes.load(Ordering::Relaxed) > 1;
         let now = async {
             let (full_done, completed_done) =
-                futures::join!(all(full.iter().map(|ext| self.write_stripe_locked(ext, buf))), all(completed.iter().map(|(t, _)| self.write_offered(t))));
+                futures::join!(all(full.iter().map(|ext| self.write_stripe_locked(ext, buf))), all(completed.iter().map(|t| self.write_offered(t))));
             full_done.and(completed_done)
         };
         // Every offered part is seen through, whatever happens to the others: each must be
         // written by someone before its writer answers.
-        let later = all(waiting.iter().map(|(t, _)| self.write_offered(t)));
+        let later = all(waiting.iter().map(|t| self.write_offered(t)));
         let (now_done, later_done) = if neighbours {
             let n = now.await;
             (n, later.await)
