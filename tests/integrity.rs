@@ -655,3 +655,64 @@ fn lost_write_right_after_clean_stop_reads_eio() {
     let r = lost_write_after_clean_stop("int-lost-now", false);
     assert!(r.read_eio && !r.served_stale, "after a clean stop, a read of the reverted block must get EIO, not the stale bytes\n{}", r.summary);
 }
+
+// ------------------------------------------------------------------------------------------
+// 4. ordering on a volatile write cache: a block's checksum page must be on stable storage
+//    before its data, or a power cut can keep the new data with an entry that knows neither crc
+
+/// (cache flushes the block device under `p` has completed, whether its write cache is volatile),
+/// from `/sys/dev/block/MAJ:MIN/` (stat field 15, counted from 0, is flushes completed).
+fn device_flushes(p: &Path) -> (u64, bool) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(p).unwrap().dev();
+    let (major, minor) = (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff), (dev & 0xff) | ((dev >> 12) & !0xff));
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let stat = std::fs::read_to_string(sys.join("stat")).unwrap_or_else(|e| panic!("{}: {e} (the test needs its files on a block device)", sys.display()));
+    let fields: Vec<u64> = stat.split_whitespace().map(|f| f.parse().unwrap()).collect();
+    assert!(fields.len() >= 17, "{}: no flush counters in {stat:?} (kernel older than 5.5?)", sys.display());
+    // A partition's queue is its disk's.
+    let cache = ["queue/write_cache", "../queue/write_cache"].iter().find_map(|q| std::fs::read_to_string(sys.join(q)).ok()).unwrap_or_default();
+    (fields[15], cache.trim() == "write back")
+}
+
+#[test]
+fn checksum_pages_are_flushed_to_stable_storage_before_the_data_they_describe() {
+    let dir = TestDir::new("durable");
+    let m = dir.members("m", 4);
+    create(&["--level", "raid0", "--size", MEMBER_SIZE], &m);
+    let (_, volatile) = device_flushes(&m[0]);
+    assert!(
+        volatile,
+        "{}: its device's write cache is write-through, so durable writes need no flush and this test cannot see them; run the tests with TMPDIR on a device with a volatile write cache",
+        m[0].display()
+    );
+    let d = Daemon::start(&dir, &m);
+    const WRITES: u64 = 120;
+    // One client write at a time (qemu-io runs its commands in order), each 4 KiB in a block of
+    // its own, so each waits for a page write of its own.
+    let writes: Vec<String> = (0..WRITES).map(|i| format!("write -P {} {} 4k", i % 250 + 1, i * 917_504 + (i % 7) * BLOCK)).collect();
+    // The first pass allocates the blocks in the member files and marks their write-intent
+    // regions dirty, which flushes by itself; the second overwrites the same blocks at once,
+    // inside regions still dirty, so only the checksum pages can ask for flushes.
+    qemu_io(&d.uri(), &writes);
+    let (before, _) = device_flushes(&m[0]);
+    // writeback: qemu-io's default (writethrough) follows every write with a flush of its own.
+    let mut c = Command::new(tool("qemu-io"));
+    c.args(["-t", "writeback", "-f", "raw"]).arg(d.uri());
+    for w in &writes {
+        c.arg("-c").arg(w);
+    }
+    let o = run(&mut c);
+    let (after, _) = device_flushes(&m[0]);
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("failed"), "qemu-io writes failed\n{}\n{}", show(&o), d.context());
+    // Without the flush, O_DIRECT overwrites complete from the device's cache and the count
+    // moves only with the filesystem's own journal commits (a few per second).
+    assert!(
+        after - before >= WRITES,
+        "{WRITES} client writes, each behind a checksum page write that must be durable, caused only {} cache flushes on the members' device\n{}",
+        after - before,
+        d.context()
+    );
+    let reads: Vec<String> = (0..WRITES).map(|i| format!("read -P {} {} 4k", i % 250 + 1, i * 917_504 + (i % 7) * BLOCK)).collect();
+    qemu_io(&d.uri(), &reads);
+}

@@ -19,6 +19,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+/// The `op` of a write that completes only once on stable storage (see [`Member::write_durable_at`]).
+const DURABLE_WRITE: &str = "durable write";
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
@@ -271,8 +274,18 @@ impl Member {
         }
     }
 
+    /// Writes a checksum table page. Durable, not just completed: the data write it precedes
+    /// may otherwise reach stable storage first out of a volatile write cache, and a power cut
+    /// would then leave the block with new data and an entry that knows neither crc.
     async fn write_raw(&self, pos: u64, bytes: AlignedBuf) -> Result<(), MemberError> {
-        self.transfer("write", pos, BufRange::whole(Arc::new(bytes))).await
+        self.transfer(DURABLE_WRITE, pos, BufRange::whole(Arc::new(bytes))).await
+    }
+
+    /// Writes metadata outside the checksummed data area that later writes rely on, and returns
+    /// once it is on stable storage (the write-hole log's records).
+    pub async fn write_durable_at(&self, offset: u64, buf: BufRange) -> Result<(), MemberError> {
+        debug_assert!(self.checksums.get().and_then(|t| t.blocks_of(offset, buf.len())).is_none(), "write_durable_at in the checksummed data area");
+        self.transfer(DURABLE_WRITE, offset, buf).await
     }
 
     /// Reads this member's checksum table (newest valid copy of each page). Pages with no valid
@@ -347,7 +360,7 @@ impl Member {
     }
 
     async fn transfer(&self, op: &'static str, offset: u64, buf: BufRange) -> Result<(), MemberError> {
-        let is_write = op == "write";
+        let is_write = op != "read";
         let (count, errors) = if is_write { (&self.stats.writes, &self.stats.write_errors) } else { (&self.stats.reads, &self.stats.read_errors) };
         count.fetch_add(1, Ordering::Relaxed);
         let result = self.transfer_once(op, offset, buf).await;
@@ -361,7 +374,8 @@ impl Member {
         let len = buf.len();
         if self.faults.is_armed() {
             // Boxed: fault injection is for tests, and inline its state would weigh on every I/O.
-            match Box::pin(self.faults.apply(op == "write", (op == "write").then_some(len))).await {
+            let is_write = op != "read";
+            match Box::pin(self.faults.apply(is_write, is_write.then_some(len))).await {
                 Some(faults::Injected::Error(source)) => return Err(MemberError::Io { path: self.path.clone(), op, offset, len, source }),
                 Some(faults::Injected::Tear(keep)) => self.tear_and_die(offset, &buf.bytes()[..keep]),
                 None => {}
@@ -371,6 +385,8 @@ impl Member {
         loop {
             let result = if op == "read" {
                 self.engine.read(self.file.clone(), offset, buf.clone()).await
+            } else if op == DURABLE_WRITE {
+                self.engine.write_durable(self.file.clone(), offset, buf.clone()).await
             } else {
                 self.engine.write(self.file.clone(), offset, buf.clone()).await
             };

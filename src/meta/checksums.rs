@@ -12,7 +12,7 @@
 //! | 4092 | 4 | crc32c of (format version, volume UUID, page number, bytes 0..4092) |
 //!
 //! Why two copies: a page write torn by a crash leaves the other copy, one generation older,
-//! intact. Why two crcs per block: the page is written (and completed) before the data block it
+//! intact. Why two crcs per block: the page is written durably (RWF_DSYNC) before the data block it
 //! describes, so after a crash the block holds either the data `current` describes or the data
 //! `previous` describes; anything else is damage. Outside crash recovery only `current` is
 //! accepted, so a write the disk claimed and then lost is caught as well.

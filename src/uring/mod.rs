@@ -113,9 +113,20 @@ impl Drop for RingFile {
 }
 
 enum OpKind {
-    Read { offset: u64, buf: BufRange },
-    Write { offset: u64, buf: BufRange },
-    Fsync { datasync: bool },
+    Read {
+        offset: u64,
+        buf: BufRange,
+    },
+    /// `durable`: RWF_DSYNC, so the write is on stable storage when it completes (FUA, or a
+    /// cache flush after it on a device without FUA), not merely in the device's write cache.
+    Write {
+        offset: u64,
+        buf: BufRange,
+        durable: bool,
+    },
+    Fsync {
+        datasync: bool,
+    },
 }
 
 struct Op {
@@ -129,7 +140,10 @@ impl Op {
         let (fd, flags) = self.file.sqe_fd();
         let entry = match &self.kind {
             OpKind::Read { offset, buf } => opcode::Read::new(fd, buf.ptr(), buf.len as u32).offset(*offset).build(),
-            OpKind::Write { offset, buf } => opcode::Write::new(fd, buf.ptr() as *const u8, buf.len as u32).offset(*offset).build(),
+            OpKind::Write { offset, buf, durable } => {
+                let rw_flags = if *durable { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(fd, buf.ptr() as *const u8, buf.len as u32).offset(*offset).rw_flags(rw_flags).build()
+            }
             OpKind::Fsync { datasync } => {
                 let flags = if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
                 opcode::Fsync::new(fd).flags(flags).build()
@@ -368,7 +382,13 @@ impl Engine {
 
     /// Writes `buf` at `offset`; returns the bytes written (may be short).
     pub async fn write(&self, file: Arc<RingFile>, offset: u64, buf: BufRange) -> io::Result<usize> {
-        Self::wait(self.submit(file, OpKind::Write { offset, buf })).await
+        Self::wait(self.submit(file, OpKind::Write { offset, buf, durable: false })).await
+    }
+
+    /// Writes `buf` at `offset` and completes only once it is on stable storage (RWF_DSYNC):
+    /// for metadata that later writes rely on surviving a power cut.
+    pub async fn write_durable(&self, file: Arc<RingFile>, offset: u64, buf: BufRange) -> io::Result<usize> {
+        Self::wait(self.submit(file, OpKind::Write { offset, buf, durable: true })).await
     }
 
     /// fsync (or fdatasync) through the ring.

@@ -113,7 +113,10 @@ impl Volume {
         fmt::encode_header(&mut buf[..fmt::HEADER], &self.uuid, slot.slot as u32, &record);
         buf[fmt::HEADER..].copy_from_slice(pp);
         let len = buf.len() as u64;
-        member_write(&member, log.slot_pos(slot.slot), &Arc::new(buf), 0, len).await?;
+        // Durable before the stripe's data and parity are written: a record still in the
+        // member's write cache at a power cut would leave the write hole open.
+        let range = crate::uring::BufRange::new(Arc::new(buf), 0, len as usize);
+        member.write_durable_at(log.slot_pos(slot.slot), range).await.map_err(|error| Fault { member: member.clone(), error })?;
         Ok(Some(slot))
     }
 
