@@ -671,16 +671,20 @@ impl Volume {
     /// Makes every completed write durable on every member in service. A member that cannot
     /// flush is failed: what it holds may not be durable.
     pub async fn flush(&self) -> Result<(), VolumeError> {
+        let number = self.ppl.as_ref().map(|log| log.flush_begins());
         let h = self.health();
         let members = h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter()));
         let syncs = members.map(|m| async move { m.sync().await.map_err(|error| Fault { member: m.clone(), error }) });
         let faults = faults_of(syncs.collect::<Vec<_>>()).await;
-        if faults.is_empty() {
-            return Ok(());
+        if !faults.is_empty() {
+            self.fail_all_io(faults).await;
+            if self.health().exhausted {
+                return Err(VolumeError::Exhausted);
+            }
         }
-        self.fail_all_io(faults).await;
-        if self.health().exhausted {
-            return Err(VolumeError::Exhausted);
+        // The members still in service hold every write completed before the flush began.
+        if let (Some(log), Some(n)) = (&self.ppl, number) {
+            log.flush_done(n);
         }
         Ok(())
     }

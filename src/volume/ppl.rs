@@ -21,6 +21,13 @@ pub(super) struct PartialParityLog {
     seq: AtomicU64,
     /// Per volume slot (member position): its ring.
     rings: Vec<Ring>,
+    /// Volume flushes begun, and the highest-numbered one completed: a slot released before
+    /// flush `n` began may be overwritten once a flush numbered `n` or later has completed.
+    flushes_begun: AtomicU64,
+    flushes_done: AtomicU64,
+    /// One flush at a time on behalf of the rings; writers that find a slot waiting for a
+    /// flush queue here, and all but the first find it done.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 struct Ring {
@@ -33,6 +40,18 @@ struct RingState {
     next: u64,
     /// Ring slots whose write has not completed: not to be overwritten yet.
     busy: Vec<bool>,
+    /// Per slot whose write completed: the flushes begun by then. Its stripe's data and
+    /// parity may still sit in a volatile write cache until a later flush completes, and
+    /// until then the record is what closes that stripe's write hole.
+    released_at: Vec<Option<u64>>,
+}
+
+/// What [`PartialParityLog::acquire`] found.
+enum Acquired<'a> {
+    Slot(LogSlot<'a>, u64),
+    /// The next slot's stripe write completed, but is not durable until a flush that begins
+    /// after flush number `.0` completes.
+    NeedsFlushAfter(u64),
 }
 
 /// Keeps a ring slot's record alive until the stripe write it covers has completed.
@@ -45,7 +64,11 @@ pub(super) struct LogSlot<'a> {
 impl Drop for LogSlot<'_> {
     fn drop(&mut self) {
         let r = &self.log.rings[self.ring];
-        r.state.lock().unwrap_or_else(|p| p.into_inner()).busy[self.slot] = false;
+        let begun = self.log.flushes_begun.load(Ordering::SeqCst);
+        let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.busy[self.slot] = false;
+        st.released_at[self.slot] = Some(begun);
+        drop(st);
         r.freed.notify_waiters();
     }
 }
@@ -56,15 +79,41 @@ pub(super) type Records = HashMap<u64, (Record, Vec<u8>)>;
 impl PartialParityLog {
     pub fn new(offset: u64, slots: u32, chunk: u64, members: usize) -> PartialParityLog {
         let rings = (0..members)
-            .map(|_| Ring { state: Mutex::new(RingState { next: 0, busy: vec![false; slots as usize] }), freed: tokio::sync::Notify::new() })
+            .map(|_| Ring {
+                state: Mutex::new(RingState { next: 0, busy: vec![false; slots as usize], released_at: vec![None; slots as usize] }),
+                freed: tokio::sync::Notify::new(),
+            })
             .collect();
-        PartialParityLog { offset, slots, slot_bytes: fmt::slot_bytes(chunk), seq: AtomicU64::new(1), rings }
+        PartialParityLog {
+            offset,
+            slots,
+            slot_bytes: fmt::slot_bytes(chunk),
+            seq: AtomicU64::new(1),
+            rings,
+            flushes_begun: AtomicU64::new(0),
+            flushes_done: AtomicU64::new(0),
+            flushing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// A volume flush is beginning: returns its number, for [`PartialParityLog::flush_done`].
+    pub fn flush_begins(&self) -> u64 {
+        self.flushes_begun.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Flush `n` completed: every write completed before it began is durable.
+    pub fn flush_done(&self, n: u64) {
+        self.flushes_done.fetch_max(n, Ordering::SeqCst);
+    }
+
+    fn flushed_after(&self, released_at: u64) -> bool {
+        self.flushes_done.load(Ordering::SeqCst) > released_at
     }
 
     /// Takes the next slot of `ring`, strictly in order (so records are overwritten oldest
     /// first), waiting while it still covers a write in flight. Returns it with the record's
-    /// sequence number.
-    async fn acquire(&self, ring: usize) -> (LogSlot<'_>, u64) {
+    /// sequence number, or says which flush must complete first.
+    async fn acquire(&self, ring: usize) -> Acquired<'_> {
         let r = &self.rings[ring];
         loop {
             let freed = r.freed.notified();
@@ -72,11 +121,15 @@ impl PartialParityLog {
                 let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
                 let slot = (st.next % self.slots as u64) as usize;
                 if !st.busy[slot] {
+                    if let Some(at) = st.released_at[slot].filter(|&at| !self.flushed_after(at)) {
+                        return Acquired::NeedsFlushAfter(at);
+                    }
                     st.busy[slot] = true;
+                    st.released_at[slot] = None;
                     st.next += 1;
                     // Numbered under the ring lock, so numbers rise in ring order.
                     let seq = self.seq.fetch_add(1, Ordering::SeqCst);
-                    return (LogSlot { log: self, ring, slot }, seq);
+                    return Acquired::Slot(LogSlot { log: self, ring, slot }, seq);
                 }
             }
             freed.await;
@@ -98,7 +151,22 @@ impl Volume {
         let s = ext.stripe;
         let ring = self.geometry.shard_member(s, self.geometry.data_shards) as usize;
         let Some(member) = h.readable(ring, s, &self.progress).cloned() else { return Ok(None) };
-        let (slot, seq) = log.acquire(ring).await;
+        let (slot, seq) = loop {
+            match log.acquire(ring).await {
+                Acquired::Slot(slot, seq) => break (slot, seq),
+                Acquired::NeedsFlushAfter(at) => {
+                    let _one = log.flushing.lock().await;
+                    if !log.flushed_after(at) {
+                        if let Err(e) = self.flush().await {
+                            // The volume is failing: this write goes ahead unlogged rather than wait
+                            // on a flush that cannot succeed.
+                            tracing::warn!("write-hole log: flush before reusing a slot failed ({e}); writing stripe {s} without a record");
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+        };
         let pp = partial_parity.unwrap_or(&[]);
         let record = Record {
             seq,
@@ -264,5 +332,36 @@ impl Volume {
             }
             return Ok(true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_slot(a: &Acquired<'_>) -> bool {
+        matches!(a, Acquired::Slot(..))
+    }
+
+    #[tokio::test]
+    async fn a_slot_is_reused_only_after_a_flush_that_began_after_its_write_completed() {
+        let log = PartialParityLog::new(0, 2, 65536, 1);
+        let (a, b) = (log.acquire(0).await, log.acquire(0).await);
+        assert!(is_slot(&a) && is_slot(&b), "a fresh ring hands out its slots");
+        // A flush that begins while the writes are in flight does not cover them.
+        let early = log.flush_begins();
+        drop((a, b));
+        log.flush_done(early);
+        let Acquired::NeedsFlushAfter(at) = log.acquire(0).await else { panic!("slot reused before its stripe write was flushed") };
+        let late = log.flush_begins();
+        assert!(matches!(log.acquire(0).await, Acquired::NeedsFlushAfter(_)), "a flush still running does not free the slot");
+        log.flush_done(late);
+        assert!(late > at);
+        let c = log.acquire(0).await;
+        assert!(is_slot(&c), "the flush after the write frees the slot");
+        // The second slot was released at the same time and is covered by the same flush.
+        assert!(is_slot(&log.acquire(0).await));
+        drop(c);
+        assert!(matches!(log.acquire(0).await, Acquired::NeedsFlushAfter(_)), "a slot released again needs a new flush");
     }
 }
