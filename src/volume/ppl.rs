@@ -44,6 +44,9 @@ struct RingState {
     /// parity may still sit in a volatile write cache until a later flush completes, and
     /// until then the record is what closes that stripe's write hole.
     released_at: Vec<Option<u64>>,
+    /// Per slot: the stripe of the valid record it holds on the member, if any. A full-stripe
+    /// write needs a record only to outrank an older one for its stripe.
+    stripes: Vec<Option<u64>>,
 }
 
 /// What [`PartialParityLog::acquire`] found.
@@ -80,7 +83,12 @@ impl PartialParityLog {
     pub fn new(offset: u64, slots: u32, chunk: u64, members: usize) -> PartialParityLog {
         let rings = (0..members)
             .map(|_| Ring {
-                state: Mutex::new(RingState { next: 0, busy: vec![false; slots as usize], released_at: vec![None; slots as usize] }),
+                state: Mutex::new(RingState {
+                    next: 0,
+                    busy: vec![false; slots as usize],
+                    released_at: vec![None; slots as usize],
+                    stripes: vec![None; slots as usize],
+                }),
                 freed: tokio::sync::Notify::new(),
             })
             .collect();
@@ -108,6 +116,15 @@ impl PartialParityLog {
 
     fn flushed_after(&self, released_at: u64) -> bool {
         self.flushes_done.load(Ordering::SeqCst) > released_at
+    }
+
+    pub(super) fn holds_record_for(&self, ring: usize, stripe: u64) -> bool {
+        self.rings[ring].state.lock().unwrap_or_else(|p| p.into_inner()).stripes.contains(&Some(stripe))
+    }
+
+    /// The record in `slot` of `ring` is on the member and covers `stripe` (`None`: no valid one).
+    fn holds(&self, ring: usize, slot: usize, stripe: Option<u64>) {
+        self.rings[ring].state.lock().unwrap_or_else(|p| p.into_inner()).stripes[slot] = stripe;
     }
 
     /// Takes the next slot of `ring`, strictly in order (so records are overwritten oldest
@@ -151,6 +168,13 @@ impl Volume {
         let s = ext.stripe;
         let ring = self.geometry.shard_member(s, self.geometry.data_shards) as usize;
         let Some(member) = h.readable(ring, s, &self.progress).cloned() else { return Ok(None) };
+        // Recovery treats a full-stripe record like no record at all (the stripe is whatever the
+        // survivors encode), so one is written only to outrank an older partial record of this
+        // stripe, still in the ring, whose partial parity the write makes stale. Writes to one
+        // stripe are serialised by its lock, so no record for it can appear meanwhile.
+        if partial_parity.is_none() && !log.holds_record_for(ring, s) {
+            return Ok(None);
+        }
         let (slot, seq) = loop {
             match log.acquire(ring).await {
                 Acquired::Slot(slot, seq) => break (slot, seq),
@@ -185,6 +209,7 @@ impl Volume {
         // member's write cache at a power cut would leave the write hole open.
         let range = crate::uring::BufRange::new(Arc::new(buf), 0, len as usize);
         member.write_durable_at(log.slot_pos(slot.slot), range).await.map_err(|error| Fault { member: member.clone(), error })?;
+        log.holds(ring, slot.slot, Some(s));
         Ok(Some(slot))
     }
 
@@ -210,6 +235,7 @@ impl Volume {
                 if crate::codec::crc32c(pp) != r.parity_crc || r.stripe >= self.geometry.stripes {
                     continue; // torn: its stripe write was never issued
                 }
+                log.holds(ring, slot, Some(r.stripe));
                 max_seq = max_seq.max(r.seq);
                 if ring_max.is_none_or(|(s, _)| r.seq > s) {
                     ring_max = Some((r.seq, slot));
