@@ -19,12 +19,12 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-
-/// The `op` of a write that completes only once on stable storage (see [`Member::write_durable_at`]).
-const DURABLE_WRITE: &str = "durable write";
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
+
+/// The `op` of a write that completes only once on stable storage (see [`Member::write_durable_at`]).
+const DURABLE_WRITE: &str = "durable write";
 
 #[derive(Debug, Error)]
 pub enum MemberError {

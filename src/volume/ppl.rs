@@ -38,15 +38,23 @@ struct Ring {
 struct RingState {
     /// Position of the next record; the ring slot is `next % slots`.
     next: u64,
-    /// Ring slots whose write has not completed: not to be overwritten yet.
-    busy: Vec<bool>,
-    /// Per slot whose write completed: the flushes begun by then. Its stripe's data and
-    /// parity may still sit in a volatile write cache until a later flush completes, and
-    /// until then the record is what closes that stripe's write hole.
-    released_at: Vec<Option<u64>>,
+    /// Per ring slot: whether the record in it may be overwritten yet.
+    uses: Vec<SlotUse>,
     /// Per slot: the stripe of the valid record it holds on the member, if any. A full-stripe
     /// write needs a record only to outrank an older one for its stripe.
     stripes: Vec<Option<u64>>,
+}
+
+#[derive(Clone, Copy)]
+enum SlotUse {
+    /// Never used since start-up.
+    Free,
+    /// Its stripe write has not completed: not to be overwritten.
+    InFlight,
+    /// Its stripe write completed when this many flushes had begun. The stripe's data and
+    /// parity may still sit in a volatile write cache until a later flush completes, and
+    /// until then the record is what closes that stripe's write hole.
+    Released { flushes_begun: u64 },
 }
 
 /// What [`PartialParityLog::acquire`] found.
@@ -69,8 +77,7 @@ impl Drop for LogSlot<'_> {
         let r = &self.log.rings[self.ring];
         let begun = self.log.flushes_begun.load(Ordering::SeqCst);
         let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.busy[self.slot] = false;
-        st.released_at[self.slot] = Some(begun);
+        st.uses[self.slot] = SlotUse::Released { flushes_begun: begun };
         drop(st);
         r.freed.notify_waiters();
     }
@@ -83,12 +90,7 @@ impl PartialParityLog {
     pub fn new(offset: u64, slots: u32, chunk: u64, members: usize) -> PartialParityLog {
         let rings = (0..members)
             .map(|_| Ring {
-                state: Mutex::new(RingState {
-                    next: 0,
-                    busy: vec![false; slots as usize],
-                    released_at: vec![None; slots as usize],
-                    stripes: vec![None; slots as usize],
-                }),
+                state: Mutex::new(RingState { next: 0, uses: vec![SlotUse::Free; slots as usize], stripes: vec![None; slots as usize] }),
                 freed: tokio::sync::Notify::new(),
             })
             .collect();
@@ -122,9 +124,9 @@ impl PartialParityLog {
         self.rings[ring].state.lock().unwrap_or_else(|p| p.into_inner()).stripes.contains(&Some(stripe))
     }
 
-    /// The record in `slot` of `ring` is on the member and covers `stripe` (`None`: no valid one).
-    fn holds(&self, ring: usize, slot: usize, stripe: Option<u64>) {
-        self.rings[ring].state.lock().unwrap_or_else(|p| p.into_inner()).stripes[slot] = stripe;
+    /// The record in `slot` of `ring` is on the member and covers `stripe`.
+    fn holds(&self, ring: usize, slot: usize, stripe: u64) {
+        self.rings[ring].state.lock().unwrap_or_else(|p| p.into_inner()).stripes[slot] = Some(stripe);
     }
 
     /// Takes the next slot of `ring`, strictly in order (so records are overwritten oldest
@@ -137,12 +139,14 @@ impl PartialParityLog {
             {
                 let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
                 let slot = (st.next % self.slots as u64) as usize;
-                if !st.busy[slot] {
-                    if let Some(at) = st.released_at[slot].filter(|&at| !self.flushed_after(at)) {
-                        return Acquired::NeedsFlushAfter(at);
-                    }
-                    st.busy[slot] = true;
-                    st.released_at[slot] = None;
+                let usable = match st.uses[slot] {
+                    SlotUse::Free => true,
+                    SlotUse::InFlight => false,
+                    SlotUse::Released { flushes_begun } if !self.flushed_after(flushes_begun) => return Acquired::NeedsFlushAfter(flushes_begun),
+                    SlotUse::Released { .. } => true,
+                };
+                if usable {
+                    st.uses[slot] = SlotUse::InFlight;
                     st.next += 1;
                     // Numbered under the ring lock, so numbers rise in ring order.
                     let seq = self.seq.fetch_add(1, Ordering::SeqCst);
@@ -209,7 +213,7 @@ impl Volume {
         // member's write cache at a power cut would leave the write hole open.
         let range = crate::uring::BufRange::new(Arc::new(buf), 0, len as usize);
         member.write_durable_at(log.slot_pos(slot.slot), range).await.map_err(|error| Fault { member: member.clone(), error })?;
-        log.holds(ring, slot.slot, Some(s));
+        log.holds(ring, slot.slot, s);
         Ok(Some(slot))
     }
 
@@ -235,7 +239,7 @@ impl Volume {
                 if crate::codec::crc32c(pp) != r.parity_crc || r.stripe >= self.geometry.stripes {
                     continue; // torn: its stripe write was never issued
                 }
-                log.holds(ring, slot, Some(r.stripe));
+                log.holds(ring, slot, r.stripe);
                 max_seq = max_seq.max(r.seq);
                 if ring_max.is_none_or(|(s, _)| r.seq > s) {
                     ring_max = Some((r.seq, slot));
