@@ -5,7 +5,10 @@ Every server gets a volume of the same size, made of files in one scratch direct
 raid0 x4, raid1 x2, raid5 x4 and ec 4+2, `nbdkit file` (cache=none) and `qemu-nbd` (--cache=none
 --aio=native) on one plain file each. Each is written once in full (fio-profiles/prefill.fio),
 then every profile of fio-profiles/ runs through fio's nbd engine, interleaving the servers and
-repeating the whole round --repeats times; the tables show medians.
+repeating the whole round --repeats times; the tables show medians. Two yardsticks from
+tools/nbd-floor.c run the random-read profiles beside them: a read-only server that does
+nothing but blocking preads (floor-sync) and one that sends every read to the disk at once
+through io_uring (floor-uring). What they reach is about what any server can reach here.
 
 Per run: IOPS, bandwidth, mean and p99 completion latency, and the server's CPU time per request
 (utime + stime of the server process from /proc/PID/stat across the fio run, divided by the
@@ -54,6 +57,11 @@ NBRAID_LEVELS = {
     "ec4+2": (["--level", "ec", "--data", "4", "--parity", "2"], 6, 4),
 }
 PEERS = ["nbdkit", "qemu-nbd"]
+# tools/nbd-floor.c, read-only and one connection at a time: the least a server can do for a
+# read here (sync: a blocking pread per request; uring: every read to the disk at once). They
+# are yardsticks, not peers: they run only these profiles and never count as the better peer.
+FLOORS = ["floor-sync", "floor-uring"]
+FLOOR_PROFILES = {"randread-4k-qd32", "randread-4k-qd1"}
 
 
 def log(msg):
@@ -135,6 +143,15 @@ def start_nbraid(nbraid, workdir, name, volume_size):
     s.start([nbraid, "serve", "--listen", f"unix:{s.sock}", "--control", s.ctl, *s.members])
     s.member_size = member_size
     s.data_shards = data
+    return s
+
+
+def start_floor(floor_bin, workdir, name, volume_size):
+    s = Server(name, "floor", workdir)
+    img = os.path.join(s.dir, "disk.img")
+    # Read-only: written here, in full, the way the others are prefilled.
+    fio_plain_file(img, volume_size, "--rw=write", "--bs=1M", "--iodepth=8", "--end_fsync=1")
+    s.start([floor_bin, name.split("-", 1)[1], s.sock, img])
     return s
 
 
@@ -357,7 +374,8 @@ def best_peer(res, profile, key, lower_is_better):
 def markdown(res, extra, args):
     lines = []
     lines.append(f"Volume {args.volume_size_h} per server, files in {args.dir_h}; median of {args.repeats} interleaved runs of {args.runtime} s each.")
-    lines.append("Ratios are against the better of nbdkit and qemu-nbd for the same profile (for latency and CPU lower is better).")
+    lines.append("Ratios are against the better of nbdkit and qemu-nbd for the same profile (for latency and CPU lower is better). "
+                 "floor-sync and floor-uring (tools/nbd-floor.c) are no peers but yardsticks: the least a server can add to a read here.")
     lines.append("")
     lines.append("| profile | server | IOPS | MB/s | mean µs | p99 µs | CPU µs/req | IOPS × peer | latency × peer | CPU × peer |")
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -367,7 +385,7 @@ def markdown(res, extra, args):
                 continue
             m = res[srv][prof]
             cells = [label, srv, fmt(m["iops"]), fmt(m["bw_MBps"]), fmt(m["lat_mean_us"]), fmt(m["lat_p99_us"]), f"{m['cpu_us_per_req']:.1f}"]
-            if srv.startswith("nbraid"):
+            if srv.startswith("nbraid") or srv in FLOORS:
                 bi, _ = best_peer(res, prof, "iops", False)
                 bl, _ = best_peer(res, prof, "lat_mean_us", True)
                 bc, _ = best_peer(res, prof, "cpu_us_per_req", True)
@@ -377,10 +395,11 @@ def markdown(res, extra, args):
                 cells += ["", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("| target | measured | goal | |")
-    lines.append("|---|---:|---:|---|")
+    lines.append("| target | measured | goal | | the better floor server |")
+    lines.append("|---|---:|---:|---|---:|")
     for t in targets(res, extra):
-        lines.append(f"| {t['target']} | {t['measured']:.2f}× | {t['op']} {t['goal']}× | {'met' if t['met'] else '**missed**'} |")
+        floor = f"{t['floor']:.2f}×" if t.get("floor") is not None else ""
+        lines.append(f"| {t['target']} | {t['measured']:.2f}× | {t['op']} {t['goal']}× | {'met' if t['met'] else '**missed**'} | {floor} |")
     lines.append("")
     if "degraded" in extra:
         d = extra["degraded"]
@@ -409,9 +428,17 @@ def markdown(res, extra, args):
 def targets(res, extra):
     out = []
 
-    def add(name, measured, op, goal):
+    def add(name, measured, op, goal, floor=None):
         if measured is not None:
-            out.append({"target": name, "measured": measured, "op": op, "goal": goal, "met": measured >= goal if op == "≥" else measured <= goal})
+            out.append({"target": name, "measured": measured, "op": op, "goal": goal, "met": measured >= goal if op == "≥" else measured <= goal,
+                        "floor": floor})
+
+    def floor_best(prof, key, lower_is_better, peer_value):
+        """What the better floor server reached, as a ratio to the better peer."""
+        vals = [res[f][prof][key] for f in FLOORS if prof in res.get(f, {})]
+        if not vals or not peer_value:
+            return None
+        return (min(vals) if lower_is_better else max(vals)) / peer_value
 
     def get(srv, prof, key):
         return res.get(srv, {}).get(prof, {}).get(key)
@@ -419,10 +446,12 @@ def targets(res, extra):
     r0 = "nbraid-raid0x4"
     bi, _ = best_peer(res, "randread-4k-qd32", "iops", False)
     if bi and get(r0, "randread-4k-qd32", "iops"):
-        add("raid0 ×4 4k random read QD32 IOPS vs best peer", get(r0, "randread-4k-qd32", "iops") / bi, "≥", 1.3)
+        add("raid0 ×4 4k random read QD32 IOPS vs best peer", get(r0, "randread-4k-qd32", "iops") / bi, "≥", 1.3,
+            floor_best("randread-4k-qd32", "iops", False, bi))
     bl, _ = best_peer(res, "randread-4k-qd1", "lat_mean_us", True)
     if bl and get(r0, "randread-4k-qd1", "lat_mean_us"):
-        add("raid0 ×4 4k random read QD1 mean latency vs best peer", get(r0, "randread-4k-qd1", "lat_mean_us") / bl, "≤", 0.8)
+        add("raid0 ×4 4k random read QD1 mean latency vs best peer", get(r0, "randread-4k-qd1", "lat_mean_us") / bl, "≤", 0.8,
+            floor_best("randread-4k-qd1", "lat_mean_us", True, bl))
     bc, _ = best_peer(res, "randread-4k-qd32", "cpu_us_per_req", True)
     if bc and get(r0, "randread-4k-qd32", "cpu_us_per_req"):
         add("raid0 ×4 server CPU per 4k read vs best peer", get(r0, "randread-4k-qd32", "cpu_us_per_req") / bc, "≤", 0.7)
@@ -445,11 +474,12 @@ def targets(res, extra):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nbraid", default=os.path.join(ROOT, "target", "release", "nbraid"))
+    ap.add_argument("--floor", default=os.path.join(ROOT, "target", "nbd-floor"), help="tools/nbd-floor.c built (bench.sh builds it)")
     ap.add_argument("--dir", default="/var/tmp", help="scratch directory parent, on the disk to measure (default /var/tmp)")
     ap.add_argument("--volume-size", default="1GiB", help="volume size of every server (default 1GiB)")
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio run (default 5)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
-    ap.add_argument("--servers", default=",".join([f"nbraid-{n}" for n in NBRAID_LEVELS] + PEERS), help="comma-separated subset")
+    ap.add_argument("--servers", default=",".join([f"nbraid-{n}" for n in NBRAID_LEVELS] + PEERS + FLOORS), help="comma-separated subset")
     ap.add_argument("--profiles", default=",".join(p for p, _ in PROFILES), help="comma-separated subset")
     ap.add_argument("--skip", default="", help="comma-separated subset of raw,degraded,rebuild,memory to leave out")
     ap.add_argument("--memory-requests", type=int, default=128, help="requests per connection in the memory test (default 128)")
@@ -476,18 +506,26 @@ def main():
                 servers.append(start_nbraid(args.nbraid, work, name[7:], volume_size))
             elif name in PEERS:
                 servers.append(start_peer(work, name, volume_size))
+            elif name in FLOORS:
+                servers.append(start_floor(args.floor, work, name, volume_size))
             else:
                 raise SystemExit(f"bench: unknown server {name}")
         scratch = os.path.join(work, "jobs")
         os.makedirs(scratch)
         for s in servers:
-            log(f"prefill {s.name}")
-            run_fio(s, "prefill", volume_size, None, scratch)
+            if s.kind != "floor":  # read-only, written at start
+                log(f"prefill {s.name}")
+                run_fio(s, "prefill", volume_size, None, scratch)
 
-        runs = {s.name: {p: [] for p in profiles} for s in servers}
+        def runs_profile(s, p):
+            return s.kind != "floor" or p in FLOOR_PROFILES
+
+        runs = {s.name: {p: [] for p in profiles if runs_profile(s, p)} for s in servers}
         for rep in range(args.repeats):
             for p in profiles:
                 for s in servers:
+                    if not runs_profile(s, p):
+                        continue
                     m = run_fio(s, p, volume_size, args.runtime, scratch)
                     runs[s.name][p].append(m)
                     log(f"round {rep + 1}/{args.repeats} {p:<18} {s.name:<16} {m['iops']:9.0f} IOPS {m['bw_MBps']:8.1f} MB/s "

@@ -11,13 +11,15 @@
 #   bash tools/bench.sh --dir /srv --volume-size 4GiB --json /tmp/bench.json
 #   bash tools/bench.sh --help                           # every option
 #
-# Needs fio, nbdkit, qemu-nbd, nbdinfo and python3 (apt-get install -y fio nbdkit qemu-utils
-# libnbd-bin python3); builds nbraid in release mode. Servers and files are removed at the end,
-# also on failure.
+# Needs fio, nbdkit, qemu-nbd, nbdinfo, python3, gcc and liburing (apt-get install -y fio nbdkit
+# qemu-utils libnbd-bin python3 gcc liburing-dev); builds nbraid in release mode and the
+# yardstick server tools/nbd-floor.c. Servers and files are removed at the end, also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for t in fio nbdkit qemu-nbd nbdinfo python3; do
-    command -v "$t" >/dev/null || { echo "bench.sh: $t not found (apt-get install -y fio nbdkit qemu-utils libnbd-bin python3)" >&2; exit 1; }
+NEEDS="apt-get install -y fio nbdkit qemu-utils libnbd-bin python3 gcc liburing-dev"
+for t in fio nbdkit qemu-nbd nbdinfo python3 gcc; do
+    command -v "$t" >/dev/null || { echo "bench.sh: $t not found ($NEEDS)" >&2; exit 1; }
 done
 cargo build --release --quiet
+gcc -O2 -Wall -o target/nbd-floor tools/nbd-floor.c -luring || { echo "bench.sh: cannot build tools/nbd-floor.c (needs liburing-dev: $NEEDS)" >&2; exit 1; }
 exec python3 tools/bench.py "$@"
