@@ -23,8 +23,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 
-/// The `op` of a write that completes only once on stable storage (see [`Member::write_durable_at`]).
-const DURABLE_WRITE: &str = "durable write";
+/// The kinds of data transfer a member does through the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    Read,
+    Write,
+    /// Completes only once on stable storage (see [`Member::write_durable_at`]).
+    DurableWrite,
+}
+
+impl Transfer {
+    /// How errors name it.
+    fn name(self) -> &'static str {
+        match self {
+            Transfer::Read => "read",
+            Transfer::Write => "write",
+            Transfer::DurableWrite => "durable write",
+        }
+    }
+
+    fn is_write(self) -> bool {
+        self != Transfer::Read
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum MemberError {
@@ -229,7 +250,7 @@ impl Member {
     /// left in `buf`.
     pub async fn read_at(&self, offset: u64, buf: BufRange) -> Result<(), MemberError> {
         let blocks = self.checksummed("read", offset, buf.len())?;
-        self.transfer("read", offset, buf.clone()).await?;
+        self.transfer(Transfer::Read, offset, buf.clone()).await?;
         let (Some(t), Some((first, _))) = (self.checksums.get(), blocks) else { return Ok(()) };
         let bad = t.judge(first, buf.bytes());
         if bad.is_empty() {
@@ -262,7 +283,7 @@ impl Member {
     /// The second half of [`Member::write_at`], only after [`Member::prepare_write`] of the
     /// same bytes succeeded.
     pub async fn write_prepared(&self, offset: u64, buf: BufRange) -> Result<(), MemberError> {
-        self.transfer("write", offset, buf).await
+        self.transfer(Transfer::Write, offset, buf).await
     }
 
     /// The blocks an I/O covers, if checksums apply to it.
@@ -278,14 +299,14 @@ impl Member {
     /// may otherwise reach stable storage first out of a volatile write cache, and a power cut
     /// would then leave the block with new data and an entry that knows neither crc.
     async fn write_raw(&self, pos: u64, bytes: AlignedBuf) -> Result<(), MemberError> {
-        self.transfer(DURABLE_WRITE, pos, BufRange::whole(Arc::new(bytes))).await
+        self.transfer(Transfer::DurableWrite, pos, BufRange::whole(Arc::new(bytes))).await
     }
 
     /// Writes metadata outside the checksummed data area that later writes rely on, and returns
     /// once it is on stable storage (the write-hole log's records).
     pub async fn write_durable_at(&self, offset: u64, buf: BufRange) -> Result<(), MemberError> {
         debug_assert!(self.checksums.get().and_then(|t| t.blocks_of(offset, buf.len())).is_none(), "write_durable_at in the checksummed data area");
-        self.transfer(DURABLE_WRITE, offset, buf).await
+        self.transfer(Transfer::DurableWrite, offset, buf).await
     }
 
     /// Reads this member's checksum table (newest valid copy of each page). Pages with no valid
@@ -301,7 +322,7 @@ impl Member {
         while page < pages {
             let n = PAGES_PER_READ.min(pages - page);
             let buf = Arc::new(AlignedBuf::zeroed(n as usize * 2 * csum_fmt::PAGE));
-            self.transfer("read", layout.page_pos(page, 0), BufRange::whole(buf.clone())).await?;
+            self.transfer(Transfer::Read, layout.page_pos(page, 0), BufRange::whole(buf.clone())).await?;
             for (i, pair) in buf.chunks(2 * csum_fmt::PAGE).enumerate() {
                 let p = page + i as u64;
                 let (a, b) = pair.split_at(csum_fmt::PAGE);
@@ -359,22 +380,22 @@ impl Member {
         }
     }
 
-    async fn transfer(&self, op: &'static str, offset: u64, buf: BufRange) -> Result<(), MemberError> {
-        let is_write = op != "read";
-        let (count, errors) = if is_write { (&self.stats.writes, &self.stats.write_errors) } else { (&self.stats.reads, &self.stats.read_errors) };
+    async fn transfer(&self, kind: Transfer, offset: u64, buf: BufRange) -> Result<(), MemberError> {
+        let (count, errors) = if kind.is_write() { (&self.stats.writes, &self.stats.write_errors) } else { (&self.stats.reads, &self.stats.read_errors) };
         count.fetch_add(1, Ordering::Relaxed);
-        let result = self.transfer_once(op, offset, buf).await;
+        let result = self.transfer_once(kind, offset, buf).await;
         if result.is_err() {
             errors.fetch_add(1, Ordering::Relaxed);
         }
         result
     }
 
-    async fn transfer_once(&self, op: &'static str, offset: u64, buf: BufRange) -> Result<(), MemberError> {
+    async fn transfer_once(&self, kind: Transfer, offset: u64, buf: BufRange) -> Result<(), MemberError> {
         let len = buf.len();
+        let op = kind.name();
         if self.faults.is_armed() {
             // Boxed: fault injection is for tests, and inline its state would weigh on every I/O.
-            let is_write = op != "read";
+            let is_write = kind.is_write();
             match Box::pin(self.faults.apply(is_write, is_write.then_some(len))).await {
                 Some(faults::Injected::Error(source)) => return Err(MemberError::Io { path: self.path.clone(), op, offset, len, source }),
                 Some(faults::Injected::Tear(keep)) => self.tear_and_die(offset, &buf.bytes()[..keep]),
@@ -383,12 +404,10 @@ impl Member {
         }
         let mut attempts = 0;
         loop {
-            let result = if op == "read" {
-                self.engine.read(self.file.clone(), offset, buf.clone()).await
-            } else if op == DURABLE_WRITE {
-                self.engine.write_durable(self.file.clone(), offset, buf.clone()).await
-            } else {
-                self.engine.write(self.file.clone(), offset, buf.clone()).await
+            let result = match kind {
+                Transfer::Read => self.engine.read(self.file.clone(), offset, buf.clone()).await,
+                Transfer::Write => self.engine.write(self.file.clone(), offset, buf.clone()).await,
+                Transfer::DurableWrite => self.engine.write_durable(self.file.clone(), offset, buf.clone()).await,
             };
             match result {
                 Ok(n) if n == len => return Ok(()),

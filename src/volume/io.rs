@@ -38,14 +38,21 @@ pub(super) struct Fault {
     pub error: MemberError,
 }
 
+impl Fault {
+    /// For `map_err` on an operation of `member`: its error, with the member it happened on.
+    pub(super) fn on(member: &Arc<Member>) -> impl FnOnce(MemberError) -> Fault + '_ {
+        move |error| Fault { member: member.clone(), error }
+    }
+}
+
 pub(super) async fn member_read(member: &Arc<Member>, pos: u64, buf: &Arc<AlignedBuf>, off: u64, len: u64) -> Result<(), Fault> {
     let range = BufRange::new(buf.clone(), off as usize, len as usize);
-    member.read_at(pos, range).await.map_err(|error| Fault { member: member.clone(), error })
+    member.read_at(pos, range).await.map_err(Fault::on(member))
 }
 
 pub(super) async fn member_write(member: &Arc<Member>, pos: u64, buf: &Arc<AlignedBuf>, off: u64, len: u64) -> Result<(), Fault> {
     let range = BufRange::new(buf.clone(), off as usize, len as usize);
-    member.write_at(pos, range).await.map_err(|error| Fault { member: member.clone(), error })
+    member.write_at(pos, range).await.map_err(Fault::on(member))
 }
 
 /// Runs every operation to completion (none may be left running: they hold stripe locks and
@@ -475,7 +482,7 @@ impl Volume {
                 ops.push((t, pos, BufRange::new(src.clone(), off as usize, len as usize)));
             }
         }
-        let prepares = ops.iter().map(|(t, pos, range)| async move { t.prepare_write(*pos, range).await.map_err(|error| Fault { member: t.clone(), error }) });
+        let prepares = ops.iter().map(|(t, pos, range)| async move { t.prepare_write(*pos, range).await.map_err(Fault::on(t)) });
         let (logged, mut faults) = futures::join!(self.log_stripe_write(h, ext, lo, partial_parity), faults_of(prepares.collect::<Vec<_>>()));
         // A member that failed either first write is failing, and is taken out as a failed data
         // write would be; the others go on. Backing off instead would leave their checksum
@@ -493,7 +500,7 @@ impl Volume {
         let writes: Vec<_> = ops
             .into_iter()
             .filter(|(t, _, _)| !failed(t))
-            .map(|(t, pos, range)| async move { t.write_prepared(pos, range).await.map_err(|error| Fault { member: t, error }) })
+            .map(|(t, pos, range)| async move { t.write_prepared(pos, range).await.map_err(Fault::on(&t)) })
             .collect();
         faults.extend(faults_of(writes).await);
         Attempt::Written(faults)
@@ -674,7 +681,7 @@ impl Volume {
         let number = self.ppl.as_ref().map(|log| log.flush_begins());
         let h = self.health();
         let members = h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter()));
-        let syncs = members.map(|m| async move { m.sync().await.map_err(|error| Fault { member: m.clone(), error }) });
+        let syncs = members.map(|m| async move { m.sync().await.map_err(Fault::on(m)) });
         let faults = faults_of(syncs.collect::<Vec<_>>()).await;
         if !faults.is_empty() {
             self.fail_all_io(faults).await;

@@ -212,7 +212,7 @@ impl Volume {
         // Durable before the stripe's data and parity are written: a record still in the
         // member's write cache at a power cut would leave the write hole open.
         let range = crate::uring::BufRange::new(Arc::new(buf), 0, len as usize);
-        member.write_durable_at(log.slot_pos(slot.slot), range).await.map_err(|error| Fault { member: member.clone(), error })?;
+        member.write_durable_at(log.slot_pos(slot.slot), range).await.map_err(Fault::on(&member))?;
         log.holds(ring, slot.slot, s);
         Ok(Some(slot))
     }
