@@ -43,8 +43,8 @@ fn geo(member: &Path) -> Geo {
     let sb = read_at(member, 0, 4096);
     assert_eq!(&sb[0..8], b"NBRAIDSB", "{}: no superblock magic at offset 0", member.display());
     let g = Geo { chunk: u64_le(&sb, 80), data_offset: u64_le(&sb, 88), member_data_bytes: u64_le(&sb, 96), checksum_table: u64_le(&sb, 3392) };
-    assert!(g.chunk >= BLOCK && g.chunk % BLOCK == 0, "{}: implausible chunk {g:?}", member.display());
-    assert!(g.data_offset % BLOCK == 0 && g.member_data_bytes % g.chunk == 0 && g.member_data_bytes > 0, "{}: implausible geometry {g:?}", member.display());
+    assert!(g.chunk >= BLOCK && g.chunk.is_multiple_of(BLOCK), "{}: implausible chunk {g:?}", member.display());
+    assert!(g.data_offset.is_multiple_of(BLOCK) && g.member_data_bytes.is_multiple_of(g.chunk) && g.member_data_bytes > 0, "{}: implausible geometry {g:?}", member.display());
     let len = std::fs::metadata(member).unwrap().len();
     assert!(g.data_offset + g.member_data_bytes <= len, "{}: data area {g:?} beyond the file ({len} bytes)", member.display());
     g
@@ -449,7 +449,7 @@ fn raid0_damaged_block_is_eio() {
 
     // the damaged block: EIO, whole or in part
     for cmd in [format!("read {v} {BLOCK}"), format!("read {} 512", v + 1024), format!("read {} {}", v - BLOCK, 3 * BLOCK)] {
-        let o = qemu_io_raw(&uri, &[cmd.clone()]);
+        let o = qemu_io_raw(&uri, std::slice::from_ref(&cmd));
         let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)).to_lowercase();
         assert!(text.contains("input/output error"), "qemu-io `{cmd}` of a damaged raid0 block should fail with an I/O error\n{}\n{}", show(&o), d.context());
         assert!(!text.lines().any(|l| l.starts_with("read ") && l.contains("bytes at offset")), "qemu-io `{cmd}` reported success\n{}", show(&o));

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const IMAGE: u64 = 64 * MIB;
 
@@ -71,7 +71,7 @@ fn expected_image(dir: &TestDir, random: &PathBuf, size: u64, regions: &[&Shadow
     p
 }
 
-fn export_and_compare(d: &Daemon, dir: &TestDir, expected: &PathBuf, random: &PathBuf, what: &str) {
+fn export_and_compare(d: &Daemon, dir: &TestDir, expected: &Path, random: &Path, what: &str) {
     let out = dir.join("out.img");
     let _ = std::fs::remove_file(&out);
     nbdcopy(d.uri(), &out);
@@ -124,7 +124,7 @@ fn exercise(l: Level) {
         layout.member_data_bytes
     );
     let bound = l.k * room;
-    assert!(size <= bound && bound - size < s && size % s == 0, "{}: volume size {size} should be whole stripes of {s} just below {bound} ({layout:?})", l.tag);
+    assert!(size <= bound && bound - size < s && size.is_multiple_of(s), "{}: volume size {size} should be whole stripes of {s} just below {bound} ({layout:?})", l.tag);
     assert_eq!(size, l.k * layout.member_data_bytes, "{}: volume size vs {} data shards of {layout:?}", l.tag, l.k);
     assert_eq!(nbdinfo_size(&d.uri_named("vol")), size, "named export `vol` has another size than \"\"");
 

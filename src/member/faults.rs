@@ -91,7 +91,7 @@ mod tests {
         assert_eq!(super::tear_point(8192), 4096 + 2048);
         for len in [1024, 4096, 12288, 1 << 20] {
             let t = super::tear_point(len);
-            assert!(t > 0 && t < len && t % 512 == 0 && t % 4096 != 0, "{len}: {t}");
+            assert!(t > 0 && t < len && t.is_multiple_of(512) && !t.is_multiple_of(4096), "{len}: {t}");
         }
     }
 }

@@ -814,7 +814,7 @@ pub struct Mount {
 }
 
 impl Mount {
-    pub fn mount(dev: &str, dir: &Path) -> Mount {
+    pub fn new(dev: &str, dir: &Path) -> Mount {
         fs::create_dir_all(dir).unwrap();
         run_ok(Command::new(tool("mount")).arg(dev).arg(dir));
         Mount { dir: Some(dir.to_path_buf()) }
@@ -860,7 +860,7 @@ impl MountedVolume {
         if mkfs {
             run_ok(Command::new(tool("mkfs.ext4")).arg("-q").arg("-F").arg(&dev));
         }
-        mv.mount = Some(Mount::mount(&dev, &dir.join(format!("mnt-{tag}"))));
+        mv.mount = Some(Mount::new(&dev, &dir.join(format!("mnt-{tag}"))));
         mv
     }
 
