@@ -56,6 +56,23 @@ pub(super) struct ChecksumTable {
     recovering: AtomicBool,
 }
 
+tokio::task_local! {
+    /// Set while the member writes of one request's several stripes run (see
+    /// [`sharing_page_writes`]).
+    static SHARED_PAGE_WRITES: ();
+}
+
+/// Runs `f`, the member writes of one request's several stripes side by side (one join).
+/// Within it a checksum page write waits one scheduler turn before it takes its snapshot of
+/// the page: the stripes polled after it record their entries meanwhile, and one durable page
+/// write covers them all. Without the wait the first stripe's write went out alone and the
+/// rest needed a second one, each a cache flush on a disk without FUA (1 MiB raid0 writes: 1.4
+/// instead of 1.0 flushes per request). Only around such joins: a lone write would pay the
+/// turn for nothing (raid5 4k random writes lost 7 % with it everywhere).
+pub fn sharing_page_writes<F: std::future::Future>(f: F) -> impl std::future::Future<Output = F::Output> {
+    SHARED_PAGE_WRITES.scope((), f)
+}
+
 /// A page write a writer must see completed before its data write: page `page` up to `want`.
 pub(super) struct PagePersist {
     pub page: u64,
@@ -200,6 +217,9 @@ impl ChecksumTable {
         let mut disk = slot.disk.lock().await;
         if disk.persisted >= p.want {
             return Ok(());
+        }
+        if SHARED_PAGE_WRITES.try_with(|_| ()).is_ok() {
+            tokio::task::yield_now().await;
         }
         let updated = slot.updated.load(Ordering::Acquire);
         let start = (p.page * ENTRIES_PER_PAGE) as usize;

@@ -6,7 +6,7 @@
 mod checksums;
 mod faults;
 
-pub use checksums::ChecksumLayout;
+pub use checksums::{sharing_page_writes, ChecksumLayout};
 pub use faults::FaultPlan;
 
 use crate::buf::{AlignedBuf, ALIGN};

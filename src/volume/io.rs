@@ -309,18 +309,25 @@ impl Volume {
             let buf = if aligned { data } else { self.widen_to_blocks(start, end, offset, &data).await? };
             let buf = Arc::new(buf);
             let extents = self.geometry.map(start, buf.len() as u64);
-            if aligned && matches!(self.geometry.level, Level::Raid5 | Level::Ec) {
-                self.write_combining(&extents, &buf).await?;
+            let stripes = async {
+                if aligned && matches!(self.geometry.level, Level::Raid5 | Level::Ec) {
+                    self.write_combining(&extents, &buf).await
+                } else {
+                    // Unaligned, the stripes are already locked (above).
+                    all(extents.iter().map(|ext| async {
+                        if aligned {
+                            self.write_stripe_locked(ext, &buf).await
+                        } else {
+                            self.write_stripe(ext, &buf).await
+                        }
+                    }))
+                    .await
+                }
+            };
+            if extents.len() > 1 {
+                crate::member::sharing_page_writes(stripes).await?;
             } else {
-                // Unaligned, the stripes are already locked (above).
-                all(extents.iter().map(|ext| async {
-                    if aligned {
-                        self.write_stripe_locked(ext, &buf).await
-                    } else {
-                        self.write_stripe(ext, &buf).await
-                    }
-                }))
-                .await?;
+                stripes.await?;
             }
         }
         if fua {
