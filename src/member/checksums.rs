@@ -234,3 +234,41 @@ impl ChecksumTable {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn table(blocks: u64) -> ChecksumTable {
+        let layout = ChecksumLayout { volume_uuid: [7; 16], table_offset: 4096, data_offset: 1 << 20, data_bytes: blocks * BLOCK };
+        ChecksumTable::new(layout, vec![fmt::UNKNOWN; blocks as usize], vec![0; layout.pages() as usize])
+    }
+
+    /// Records a new crc for `block` and waits for its page to be durable, counting page writes.
+    async fn write_block(t: &ChecksumTable, block: u64, page_writes: &AtomicUsize) {
+        for p in t.record(block, &[block as u32 + 1]) {
+            let written = t.persist(&p, |_, _| async {
+                page_writes.fetch_add(1, Ordering::SeqCst);
+                // A real page write takes a while: long enough for the others to queue up.
+                tokio::task::yield_now().await;
+                Ok::<(), ()>(())
+            });
+            written.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn the_stripes_of_one_request_share_their_page_write() {
+        let t = table(64);
+        let writes = AtomicUsize::new(0);
+        // Blocks 0..4 share page 0: four stripe writes of one request.
+        sharing_page_writes(futures::future::join_all((0..4).map(|b| write_block(&t, b, &writes)))).await;
+        assert_eq!(writes.load(Ordering::SeqCst), 1, "one page write for the whole request");
+        // Outside such a request the first writer goes out alone and the rest share a second.
+        futures::future::join_all((4..8).map(|b| write_block(&t, b, &writes))).await;
+        assert_eq!(writes.load(Ordering::SeqCst), 3);
+        // Every entry recorded is in what was persisted last.
+        assert!(t.unpersisted_pages().is_empty());
+    }
+}
