@@ -44,7 +44,11 @@ fn geo(member: &Path) -> Geo {
     assert_eq!(&sb[0..8], b"NBRAIDSB", "{}: no superblock magic at offset 0", member.display());
     let g = Geo { chunk: u64_le(&sb, 80), data_offset: u64_le(&sb, 88), member_data_bytes: u64_le(&sb, 96), checksum_table: u64_le(&sb, 3392) };
     assert!(g.chunk >= BLOCK && g.chunk.is_multiple_of(BLOCK), "{}: implausible chunk {g:?}", member.display());
-    assert!(g.data_offset.is_multiple_of(BLOCK) && g.member_data_bytes.is_multiple_of(g.chunk) && g.member_data_bytes > 0, "{}: implausible geometry {g:?}", member.display());
+    assert!(
+        g.data_offset.is_multiple_of(BLOCK) && g.member_data_bytes.is_multiple_of(g.chunk) && g.member_data_bytes > 0,
+        "{}: implausible geometry {g:?}",
+        member.display()
+    );
     let len = std::fs::metadata(member).unwrap().len();
     assert!(g.data_offset + g.member_data_bytes <= len, "{}: data area {g:?} beyond the file ({len} bytes)", member.display());
     g

@@ -124,7 +124,11 @@ fn exercise(l: Level) {
         layout.member_data_bytes
     );
     let bound = l.k * room;
-    assert!(size <= bound && bound - size < s && size.is_multiple_of(s), "{}: volume size {size} should be whole stripes of {s} just below {bound} ({layout:?})", l.tag);
+    assert!(
+        size <= bound && bound - size < s && size.is_multiple_of(s),
+        "{}: volume size {size} should be whole stripes of {s} just below {bound} ({layout:?})",
+        l.tag
+    );
     assert_eq!(size, l.k * layout.member_data_bytes, "{}: volume size vs {} data shards of {layout:?}", l.tag, l.k);
     assert_eq!(nbdinfo_size(&d.uri_named("vol")), size, "named export `vol` has another size than \"\"");
 
