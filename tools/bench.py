@@ -364,8 +364,9 @@ def fmt(x, digits=0):
     return f"{x:.{digits}f}"
 
 
-def best_peer(res, profile, key, lower_is_better):
-    vals = [(res[p][profile][key], p) for p in PEERS if p in res and profile in res[p]]
+def best_peer(res, profile, key, lower_is_better, among=PEERS):
+    """The better value of `key` among the servers `among` (the peers unless told), and whose."""
+    vals = [(res[p][profile][key], p) for p in among if p in res and profile in res[p]]
     if not vals:
         return None, None
     return (min if lower_is_better else max)(vals)
@@ -385,7 +386,7 @@ def markdown(res, extra, args):
                 continue
             m = res[srv][prof]
             cells = [label, srv, fmt(m["iops"]), fmt(m["bw_MBps"]), fmt(m["lat_mean_us"]), fmt(m["lat_p99_us"]), f"{m['cpu_us_per_req']:.1f}"]
-            if srv.startswith("nbraid") or srv in FLOORS:
+            if srv not in PEERS:
                 bi, _ = best_peer(res, prof, "iops", False)
                 bl, _ = best_peer(res, prof, "lat_mean_us", True)
                 bc, _ = best_peer(res, prof, "cpu_us_per_req", True)
@@ -435,10 +436,8 @@ def targets(res, extra):
 
     def floor_best(prof, key, lower_is_better, peer_value):
         """What the better floor server reached, as a ratio to the better peer."""
-        vals = [res[f][prof][key] for f in FLOORS if prof in res.get(f, {})]
-        if not vals or not peer_value:
-            return None
-        return (min(vals) if lower_is_better else max(vals)) / peer_value
+        best, _ = best_peer(res, prof, key, lower_is_better, among=FLOORS)
+        return best / peer_value if best is not None and peer_value else None
 
     def get(srv, prof, key):
         return res.get(srv, {}).get(prof, {}).get(key)
