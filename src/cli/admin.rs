@@ -590,8 +590,13 @@ pub fn format_status(st: &VolumeStatus) -> String {
         i.resync_repaired,
         i.resync_skipped
     );
+    if i.resync_adopted > 0 {
+        let _ = writeln!(out, "  {} block(s) written just before the unclean stop were taken as found (their checksum pages were deferred)", i.resync_adopted);
+    }
     if st.checksums {
-        let _ = writeln!(out, "block checksums: on; {} block(s) failed their checksum, {} rewritten from redundancy", st.checksum_errors, st.repaired_blocks);
+        let pages = if st.deferred_checksum_pages { "on, pages written at flushes" } else { "on" };
+        let _ =
+            writeln!(out, "block checksums: {pages}; {} block(s) failed their checksum, {} rewritten from redundancy", st.checksum_errors, st.repaired_blocks);
     } else {
         let _ = writeln!(out, "block checksums: off");
     }

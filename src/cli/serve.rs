@@ -254,6 +254,7 @@ async fn demo_members(engine: &Arc<Engine>) -> Result<Vec<PathBuf>, String> {
         members: members.clone(),
         force: false,
         checksums: true,
+        deferred_checksum_pages: false,
         write_hole_log: true,
     };
     volume::create(&spec, engine).await.map_err(|e| e.to_string())?;

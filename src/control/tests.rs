@@ -87,6 +87,7 @@ pub(crate) fn sample_status() -> VolumeStatus {
         scrub: None,
         intent: Default::default(),
         checksums: true,
+        deferred_checksum_pages: false,
         checksum_errors: 3,
         repaired_blocks: 3,
     }

@@ -4,6 +4,13 @@
 //!
 //! Pages are written with group commit: writers that update entries of one page while a write
 //! of it is in flight are all covered by the next single write of that page.
+//!
+//! A volume created with deferred checksum pages lets client writes skip the page write: their
+//! entries change in memory and the page is queued, to be written by the member's next flush
+//! just before its fdatasync. A write acknowledged and then flushed is as safe as in ordered
+//! mode; a write cut off by a crash before a flush leaves an entry that knows neither the old
+//! nor the new data, and the crash resync takes such blocks in dirty regions as they are
+//! (`ChecksumTable::adopt`) instead of calling them damaged.
 
 use crate::buf::AlignedBuf;
 use crate::meta::checksums::{self as fmt, Entry, Verdict, BLOCK, ENTRIES_PER_PAGE, PAGE};
@@ -47,10 +54,30 @@ struct PageSlot {
     disk: tokio::sync::Mutex<PageDisk>,
 }
 
+/// When the table pages a data write changes reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageWrites {
+    /// Durably, before the data write is issued.
+    Ordered,
+    /// At the member's next flush.
+    Deferred,
+}
+
+/// Pages changed by deferred writes and not yet written, each listed once.
+#[derive(Default)]
+struct Pending {
+    pages: Vec<u64>,
+    queued: Vec<bool>,
+}
+
 pub(super) struct ChecksumTable {
     pub layout: ChecksumLayout,
     entries: Mutex<Vec<Entry>>,
     pages: Vec<PageSlot>,
+    pending: Mutex<Pending>,
+    /// Held while a flush writes the pending pages, so that a second flush waits for those
+    /// writes to complete before its fdatasync (it would otherwise not cover them).
+    flushing: tokio::sync::Mutex<()>,
     /// Right after a crash: a block holding its `previous` data is accepted (and the entry
     /// settled to it), since its write may have been cut off. Never while serving.
     recovering: AtomicBool,
@@ -84,7 +111,20 @@ impl ChecksumTable {
     pub fn new(layout: ChecksumLayout, entries: Vec<Entry>, generations: Vec<u32>) -> ChecksumTable {
         let pages =
             generations.into_iter().map(|g| PageSlot { updated: AtomicU64::new(0), disk: tokio::sync::Mutex::new(PageDisk { generation: g, persisted: 0 }) });
-        ChecksumTable { layout, entries: Mutex::new(entries), pages: pages.collect(), recovering: AtomicBool::new(false) }
+        let pages: Vec<PageSlot> = pages.collect();
+        let pending = Pending { pages: Vec::new(), queued: vec![false; pages.len()] };
+        ChecksumTable {
+            layout,
+            entries: Mutex::new(entries),
+            pages,
+            pending: Mutex::new(pending),
+            flushing: tokio::sync::Mutex::new(()),
+            recovering: AtomicBool::new(false),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
@@ -93,6 +133,10 @@ impl ChecksumTable {
 
     pub fn set_recovering(&self, on: bool) {
         self.recovering.store(on, Ordering::SeqCst);
+    }
+
+    pub fn is_recovering(&self) -> bool {
+        self.recovering.load(Ordering::SeqCst)
     }
 
     /// The blocks [first, first + count) that `len` bytes at member offset `pos` cover, if the
@@ -137,6 +181,54 @@ impl ChecksumTable {
             p.want = self.pages[p.page as usize].updated.fetch_add(1, Ordering::AcqRel) + 1;
         }
         out
+    }
+
+    /// [`ChecksumTable::record`] for a deferred write: the pages are queued for the next flush.
+    pub fn record_deferred(&self, first: u64, crcs: &[u32]) {
+        let pages = self.record(first, crcs);
+        let mut pending = self.pending();
+        for p in pages {
+            if !std::mem::replace(&mut pending.queued[p.page as usize], true) {
+                pending.pages.push(p.page);
+            }
+        }
+    }
+
+    /// Takes the queued pages, each to be written up to the updates made so far. The caller
+    /// holds [`ChecksumTable::flush_guard`] until they are written.
+    pub fn take_pending(&self) -> Vec<PagePersist> {
+        let pages = {
+            let mut pending = self.pending();
+            let pages = std::mem::take(&mut pending.pages);
+            for &p in &pages {
+                pending.queued[p as usize] = false;
+            }
+            pages
+        };
+        pages.into_iter().map(|page| PagePersist { page, want: self.pages[page as usize].updated.load(Ordering::Acquire) }).collect()
+    }
+
+    pub async fn flush_guard(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.flushing.lock().await
+    }
+
+    /// Takes the blocks from `first` as holding data with `crcs`, with no other version
+    /// accepted: a deferred write's blocks found after a crash with an entry that predates
+    /// them. Persisted like settled entries (see [`ChecksumTable::unpersisted_pages`]).
+    pub fn adopt(&self, first: u64, crcs: &[u32]) {
+        let mut pages = Vec::new();
+        {
+            let mut entries = self.entries();
+            for (i, &crc) in crcs.iter().enumerate() {
+                let b = first + i as u64;
+                entries[b as usize] = Entry { current: crc, previous: crc };
+                pages.push(b / ENTRIES_PER_PAGE);
+            }
+        }
+        pages.dedup();
+        for p in pages {
+            self.pages[p as usize].updated.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Judges the blocks from `first` held in `bytes`; returns the indexes (relative to `first`)
@@ -270,5 +362,53 @@ mod tests {
         assert_eq!(writes.load(Ordering::SeqCst), 3);
         // Every entry recorded is in what was persisted last.
         assert!(t.unpersisted_pages().is_empty());
+    }
+
+    /// What a member's flush does with the queue: writes each queued page once.
+    async fn flush_pending(t: &ChecksumTable, written: &Mutex<Vec<Vec<Entry>>>) {
+        let _guard = t.flush_guard().await;
+        for p in t.take_pending() {
+            t.persist(&p, |_, bytes| async move {
+                let page = fmt::decode_page(&bytes, &[7; 16], p.page).expect("a valid page");
+                written.lock().unwrap().push(page.entries);
+                Ok::<(), ()>(())
+            })
+            .await
+            .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn deferred_writes_reach_the_disk_at_the_next_flush_once_per_page() {
+        let t = table(2 * ENTRIES_PER_PAGE);
+        let written = Mutex::new(Vec::new());
+        // Three writes to page 0, one to page 1: nothing is written until the flush.
+        for (block, crc) in [(0, 10), (1, 11), (0, 12), (ENTRIES_PER_PAGE, 13)] {
+            t.record_deferred(block, &[crc]);
+        }
+        assert!(written.lock().unwrap().is_empty());
+        assert_eq!(t.unpersisted_pages().len(), 2);
+        flush_pending(&t, &written).await;
+        {
+            let w = written.lock().unwrap();
+            assert_eq!(w.len(), 2, "one write per page changed");
+            assert_eq!(w[0][0], Entry { current: 12, previous: 10 });
+            assert_eq!(w[0][1].current, 11);
+            assert_eq!(w[1][0].current, 13);
+        }
+        assert!(t.unpersisted_pages().is_empty(), "the flush covered every deferred update");
+        // Nothing queued: a second flush writes nothing.
+        flush_pending(&t, &written).await;
+        assert_eq!(written.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn adopted_blocks_accept_only_their_data() {
+        let t = table(8);
+        t.record(3, &[5]);
+        t.adopt(3, &[99]);
+        assert!(t.accepts(3, 99));
+        assert!(!t.accepts(3, 5));
+        assert_eq!(t.unpersisted_pages().len(), 1);
     }
 }

@@ -6,7 +6,7 @@
 mod checksums;
 mod faults;
 
-pub use checksums::{sharing_page_writes, ChecksumLayout};
+pub use checksums::{sharing_page_writes, ChecksumLayout, PageWrites};
 pub use faults::FaultPlan;
 
 use crate::buf::{AlignedBuf, ALIGN};
@@ -263,16 +263,21 @@ impl Member {
     /// Writes exactly `buf.len()` bytes at `offset`. In the checksummed data area the blocks'
     /// new checksums are made durable in the table first.
     pub async fn write_at(&self, offset: u64, buf: BufRange) -> Result<(), MemberError> {
-        self.prepare_write(offset, &buf).await?;
+        self.prepare_write(offset, &buf, PageWrites::Ordered).await?;
         self.write_prepared(offset, buf).await
     }
 
     /// The first half of [`Member::write_at`]: records the checksums of the data about to be
-    /// written and makes their table pages durable. Split out so a caller can overlap it with
-    /// other writes that must also precede the data (the stripe's partial-parity record).
-    pub async fn prepare_write(&self, offset: u64, buf: &BufRange) -> Result<(), MemberError> {
+    /// written and makes their table pages durable (or, `Deferred`, queues them for the next
+    /// [`Member::sync`]). Split out so a caller can overlap it with other writes that must also
+    /// precede the data (the stripe's partial-parity record).
+    pub async fn prepare_write(&self, offset: u64, buf: &BufRange, pages: PageWrites) -> Result<(), MemberError> {
         if let (Some(t), Some((first, _))) = (self.checksums.get(), self.checksummed("write", offset, buf.len())?) {
             let crcs: Vec<u32> = buf.bytes().chunks(csum_fmt::BLOCK as usize).map(csum_fmt::block_crc).collect();
+            if pages == PageWrites::Deferred {
+                t.record_deferred(first, &crcs);
+                return Ok(());
+            }
             let pages = t.record(first, &crcs);
             let persists = pages.iter().map(|p| t.persist(p, |pos, bytes| self.write_raw(pos, bytes)));
             futures::future::join_all(persists).await.into_iter().collect::<Result<(), _>>()?;
@@ -361,6 +366,11 @@ impl Member {
         }
     }
 
+    /// Whether crash recovery (see [`Member::set_checksum_recovery`]) is on.
+    pub fn in_checksum_recovery(&self) -> bool {
+        self.checksums.get().is_some_and(|t| t.is_recovering())
+    }
+
     /// Writes table pages changed by reads (entries settled during crash recovery).
     pub async fn persist_checksums(&self) -> Result<(), MemberError> {
         let Some(t) = self.checksums.get() else { return Ok(()) };
@@ -368,6 +378,29 @@ impl Member {
             t.persist(&p, |pos, bytes| self.write_raw(pos, bytes)).await?;
         }
         Ok(())
+    }
+
+    /// Takes the blocks at member offset `pos` (block-aligned, in the data area) as holding
+    /// `bytes`, whatever their entries said: after a crash, the blocks of a deferred write
+    /// whose entries never reached the disk. Written by [`Member::persist_checksums`].
+    pub fn adopt_checksums(&self, pos: u64, bytes: &[u8]) {
+        let Some(t) = self.checksums.get() else { return };
+        if let Some(Ok((first, _))) = t.blocks_of(pos, bytes.len()) {
+            let crcs: Vec<u32> = bytes.chunks(csum_fmt::BLOCK as usize).map(csum_fmt::block_crc).collect();
+            t.adopt(first, &crcs);
+        }
+    }
+
+    /// Writes the table pages deferred writes changed. Plain writes: the fdatasync that
+    /// follows makes them durable together with the data they describe.
+    async fn write_deferred_pages(&self) -> Result<(), MemberError> {
+        let Some(t) = self.checksums.get() else { return Ok(()) };
+        let _flushing = t.flush_guard().await;
+        let writes = t
+            .take_pending()
+            .into_iter()
+            .map(|p| async move { t.persist(&p, |pos, bytes| self.transfer(Transfer::Write, pos, BufRange::whole(Arc::new(bytes)))).await });
+        futures::future::join_all(writes).await.into_iter().collect()
     }
 
     /// Whether `block` (4096 bytes at member offset `pos`) is what the checksum table says is
@@ -434,8 +467,10 @@ impl Member {
         std::process::abort()
     }
 
-    /// Makes completed writes durable (fdatasync through the ring).
+    /// Makes completed writes durable (fdatasync through the ring), with the checksum pages
+    /// deferred writes changed.
     pub async fn sync(&self) -> Result<(), MemberError> {
+        self.write_deferred_pages().await?;
         let injected = match self.faults.is_armed() {
             true => match self.faults.apply(true, None).await {
                 Some(faults::Injected::Error(e)) => Some(e),
@@ -561,6 +596,7 @@ mod tests {
             spare: false,
             replacement: false,
             checksum_offset: 0,
+            deferred_checksum_pages: false,
             ppl_offset: 0,
             ppl_slots: 0,
         }

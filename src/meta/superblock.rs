@@ -20,7 +20,7 @@
 //! | 96 | 8 | data bytes per member (whole stripes) |
 //! | 104 | 8 | volume size in bytes |
 //! | 112 | 4 | this member's slot index |
-//! | 116 | 4 | flags: bit 0 spare, bit 1 replacement (others must be 0) |
+//! | 116 | 4 | flags: bit 0 spare, bit 1 replacement, bit 2 deferred checksum pages (others must be 0) |
 //! | 120 | 4 | name length |
 //! | 124 | 64 | volume name, UTF-8 |
 //! | 192 | 128 | slot states, one byte per slot (see [`SlotState`]) |
@@ -114,6 +114,9 @@ pub struct Superblock {
     pub replacement: bool,
     /// Where the per-block checksum table starts; 0 when the volume keeps none.
     pub checksum_offset: u64,
+    /// Checksum table pages changed by client writes are written at the next flush instead of
+    /// before each data write (see `member::checksums`); only with a checksum table.
+    pub deferred_checksum_pages: bool,
     /// Where the partial-parity log ring starts, and its slots; 0 for levels without parity.
     pub ppl_offset: u64,
     pub ppl_slots: u32,
@@ -121,6 +124,7 @@ pub struct Superblock {
 
 const FLAG_SPARE: u32 = 1;
 const FLAG_REPLACEMENT: u32 = 2;
+const FLAG_DEFERRED_PAGES: u32 = 4;
 const STATES_OFFSET: usize = 192;
 const CHECKPOINTS_OFFSET: usize = 320;
 const SLOT_IDS_OFFSET: usize = 1344;
@@ -179,7 +183,9 @@ impl Superblock {
         b[96..104].copy_from_slice(&self.member_data_bytes.to_le_bytes());
         b[104..112].copy_from_slice(&self.volume_size.to_le_bytes());
         b[112..116].copy_from_slice(&self.member_index.to_le_bytes());
-        let flags = if self.spare { FLAG_SPARE } else { 0 } | if self.replacement { FLAG_REPLACEMENT } else { 0 };
+        let flags = if self.spare { FLAG_SPARE } else { 0 }
+            | if self.replacement { FLAG_REPLACEMENT } else { 0 }
+            | if self.deferred_checksum_pages { FLAG_DEFERRED_PAGES } else { 0 };
         b[116..120].copy_from_slice(&flags.to_le_bytes());
         let name = &self.name[..self.name.floor_char_boundary(MAX_NAME_LEN)];
         b[120..124].copy_from_slice(&(name.len() as u32).to_le_bytes());
@@ -221,7 +227,7 @@ impl Superblock {
             return Err(SuperblockError::Malformed("unexpected block length"));
         }
         let flags = u32_at(b, 116);
-        if flags & !(FLAG_SPARE | FLAG_REPLACEMENT) != 0 || flags == FLAG_SPARE | FLAG_REPLACEMENT {
+        if flags & !(FLAG_SPARE | FLAG_REPLACEMENT | FLAG_DEFERRED_PAGES) != 0 || flags & (FLAG_SPARE | FLAG_REPLACEMENT) == FLAG_SPARE | FLAG_REPLACEMENT {
             return Err(SuperblockError::Malformed("unknown flags set"));
         }
         let members = u32_at(b, 68);
@@ -248,6 +254,8 @@ impl Superblock {
             {
                 return Err(SuperblockError::Malformed("checksum table overlaps other metadata or the data area"));
             }
+        } else if flags & FLAG_DEFERRED_PAGES != 0 {
+            return Err(SuperblockError::Malformed("deferred checksum pages without a checksum table"));
         }
         let (ppl_offset, ppl_slots) = (u64_at(b, PPL_OFFSET_AT), u32_at(b, PPL_SLOTS_AT));
         if ppl_offset != 0 {
@@ -293,6 +301,7 @@ impl Superblock {
             spare: flags & FLAG_SPARE != 0,
             replacement: flags & FLAG_REPLACEMENT != 0,
             checksum_offset,
+            deferred_checksum_pages: flags & FLAG_DEFERRED_PAGES != 0,
             ppl_offset,
             ppl_slots,
         })
@@ -324,6 +333,7 @@ impl Superblock {
             && self.member_data_bytes == other.member_data_bytes
             && self.volume_size == other.volume_size
             && self.checksum_offset == other.checksum_offset
+            && self.deferred_checksum_pages == other.deferred_checksum_pages
             && self.ppl_offset == other.ppl_offset
             && self.ppl_slots == other.ppl_slots
     }
@@ -384,6 +394,7 @@ mod tests {
             spare: false,
             replacement: true,
             checksum_offset: 1 << 20,
+            deferred_checksum_pages: false,
             ppl_offset: METADATA_RESERVED + (4 << 20),
             ppl_slots: 32,
         }
@@ -393,6 +404,16 @@ mod tests {
     fn roundtrip() {
         let sb = sample();
         assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+    }
+
+    #[test]
+    fn deferred_checksum_pages_roundtrip_and_need_a_table() {
+        let mut sb = sample();
+        sb.deferred_checksum_pages = true;
+        assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+        assert!(!sb.same_geometry(&sample()));
+        sb.checksum_offset = 0;
+        assert_eq!(Superblock::decode(&sb.encode()), Err(SuperblockError::Malformed("deferred checksum pages without a checksum table")));
     }
 
     #[test]

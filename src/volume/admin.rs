@@ -106,6 +106,7 @@ impl Volume {
             intent: self.intent_status(),
             scrub: self.scrub_status(),
             checksums: self.checksums.is_some(),
+            deferred_checksum_pages: self.page_writes == crate::member::PageWrites::Deferred,
             checksum_errors,
             repaired_blocks,
         }

@@ -5,7 +5,7 @@ use super::health::{Health, Progress, SlotEntry};
 use super::{locks::StripeLocks, Volume};
 use crate::codec::Codec;
 use crate::layout::{Geometry, Level};
-use crate::member::{Access, ChecksumLayout, Member, MemberError};
+use crate::member::{Access, ChecksumLayout, Member, MemberError, PageWrites};
 use crate::meta::superblock::{member_id, uuid_string, Superblock};
 use crate::meta::SlotState;
 use crate::uring::Engine;
@@ -183,6 +183,7 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
     });
     let ppl = (reference.ppl_offset != 0)
         .then(|| super::ppl::PartialParityLog::new(reference.ppl_offset, reference.ppl_slots, geometry.chunk, geometry.members as usize));
+    let page_writes = if reference.deferred_checksum_pages { PageWrites::Deferred } else { PageWrites::Ordered };
     let volume = Volume {
         name: reference.name.clone(),
         uuid: reference.volume_uuid,
@@ -200,6 +201,7 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         intent: super::intent::Intent::new(geometry.stripes, geometry.chunk),
         engine: engine.clone(),
         checksums,
+        page_writes,
         ppl,
     };
     Ok((volume, changed))

@@ -30,6 +30,9 @@ pub struct CreateSpec {
     pub force: bool,
     /// Keep a crc32c per 4096-byte block on every member (see `meta::checksums`).
     pub checksums: bool,
+    /// With checksums: write the table pages that client writes change at the next flush, not
+    /// before each data write (see `member::checksums`).
+    pub deferred_checksum_pages: bool,
     /// Parity levels: keep the partial-parity log that closes the write hole (see `meta::ppl`).
     pub write_hole_log: bool,
 }
@@ -132,6 +135,7 @@ pub async fn create(spec: &CreateSpec, engine: &Arc<Engine>) -> Result<Created, 
         spare: false,
         replacement: false,
         checksum_offset,
+        deferred_checksum_pages: spec.checksums && spec.deferred_checksum_pages,
         ppl_offset,
         ppl_slots,
     };

@@ -25,6 +25,7 @@ fn spec(dir: &Path, level: Level, n: usize, ec: Option<(u32, u32)>) -> CreateSpe
         members: (0..n).map(|i| dir.join(format!("m{i}"))).collect(),
         force: false,
         checksums: true,
+        deferred_checksum_pages: false,
         write_hole_log: true,
     }
 }

@@ -12,7 +12,7 @@ use super::io::{faults_of, member_read, member_write, reclaim, Fault};
 use super::{Volume, VolumeError};
 use crate::buf::{AlignedBuf, ALIGN};
 use crate::layout::Level;
-use crate::member::{Member, MemberError};
+use crate::member::{Member, MemberError, PageWrites};
 use std::sync::Arc;
 
 const BLOCK: u64 = ALIGN as u64;
@@ -23,6 +23,9 @@ pub(super) struct Healed {
     pub damaged: u64,
     pub repaired: u64,
     pub unrepairable: u64,
+    /// Blocks of deferred writes cut off by a crash, taken as they are (not counted in
+    /// `damaged`): their checksum entries had not reached the disk.
+    pub adopted: u64,
 }
 
 impl Healed {
@@ -30,6 +33,7 @@ impl Healed {
         self.damaged += o.damaged;
         self.repaired += o.repaired;
         self.unrepairable += o.unrepairable;
+        self.adopted += o.adopted;
     }
 }
 
@@ -62,8 +66,9 @@ impl Volume {
                 };
                 rewrites.extend(fixed.into_iter().map(|slot| (slot, row)));
             }
+            let adopted = self.adopt_unhealed(&readable, &mut bad, &rewrites, &bufs, pos);
             let damaged = bad.iter().map(|b| b.len() as u64).sum::<u64>();
-            let healed = |repaired: u64| Healed { damaged, repaired, unrepairable: damaged - repaired };
+            let healed = |repaired: u64| Healed { damaged, repaired, unrepairable: damaged - repaired, adopted };
             if rewrites.is_empty() {
                 self.note_heal(&readable, &bad, &rewrites, stripe);
                 return Ok(healed(0));
@@ -85,6 +90,34 @@ impl Volume {
             self.note_heal(&readable, &bad, &rewrites, stripe);
             return Ok(healed(rewrites.len() as u64));
         }
+    }
+
+    /// During the crash resync of a volume with deferred checksum pages, a damaged block that
+    /// redundancy could not rebuild is one whose deferred write the crash cut off before its
+    /// entry reached the disk: it is taken as it is, and dropped from `bad`. (A block that rotted
+    /// in a dirty region is taken too: the price of deferring, documented in the README.)
+    /// Returns how many were taken.
+    fn adopt_unhealed(&self, readable: &[Option<Arc<Member>>], bad: &mut [Vec<u64>], rewrites: &[(usize, u64)], bufs: &[AlignedBuf], pos: u64) -> u64 {
+        if self.page_writes != PageWrites::Deferred {
+            return 0;
+        }
+        let mut adopted = 0;
+        for (slot, m) in readable.iter().enumerate() {
+            let Some(m) = m.as_ref().filter(|m| m.in_checksum_recovery()) else { continue };
+            bad[slot].retain(|&row| {
+                if rewrites.contains(&(slot, row)) {
+                    return true;
+                }
+                let at = (row * BLOCK) as usize;
+                m.adopt_checksums(pos + row * BLOCK, &bufs[slot][at..at + ALIGN]);
+                adopted += 1;
+                false
+            });
+        }
+        if adopted > 0 {
+            tracing::info!("crash resync: {adopted} block(s) written just before the unclean stop taken as they are (their checksums were deferred)");
+        }
+        adopted
     }
 
     /// Reads [pos, pos + len) of every member in `readable` (one buffer per slot, zeros for a

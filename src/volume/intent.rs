@@ -50,6 +50,15 @@ impl Regions {
     }
 }
 
+/// What the crash resync at start came to.
+#[derive(Debug, Default, Clone, Copy)]
+struct ResyncSummary {
+    regions: u64,
+    repaired: u64,
+    skipped: u64,
+    adopted: u64,
+}
+
 pub(super) struct Intent {
     pub region_stripes: u64,
     pub regions: u64,
@@ -60,7 +69,7 @@ pub(super) struct Intent {
     persisting: tokio::sync::Mutex<()>,
     maps: Mutex<Vec<(Identity, MmapMut)>>,
     /// What the resync after the last start found and did.
-    resync: Mutex<(u64, u64, u64)>,
+    resync: Mutex<ResyncSummary>,
 }
 
 /// Keeps a region counted as being written until dropped.
@@ -95,7 +104,7 @@ impl Intent {
             durable_gen: AtomicU64::new(0),
             persisting: tokio::sync::Mutex::new(()),
             maps: Mutex::new(Vec::new()),
-            resync: Mutex::new((0, 0, 0)),
+            resync: Mutex::new(ResyncSummary::default()),
         }
     }
 
@@ -192,8 +201,16 @@ impl Intent {
     }
 
     pub fn status(&self, region_bytes: u64) -> IntentStatus {
-        let (resync_regions, resync_repaired, resync_skipped) = *self.resync.lock().unwrap_or_else(|p| p.into_inner());
-        IntentStatus { region_bytes, regions: self.regions, dirty_regions: self.dirty_count(), resync_regions, resync_repaired, resync_skipped }
+        let r = *self.resync.lock().unwrap_or_else(|p| p.into_inner());
+        IntentStatus {
+            region_bytes,
+            regions: self.regions,
+            dirty_regions: self.dirty_count(),
+            resync_regions: r.regions,
+            resync_repaired: r.repaired,
+            resync_skipped: r.skipped,
+            resync_adopted: r.adopted,
+        }
     }
 }
 
@@ -269,13 +286,14 @@ impl Volume {
         // the crash): accepted while resyncing, and its checksum entry settled to it.
         let members: Vec<Arc<Member>> = h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter())).cloned().collect();
         members.iter().for_each(|m| m.set_checksum_recovery(true));
-        let (mut repaired, mut skipped) = (0, 0);
+        let mut summary = ResyncSummary { regions: dirty.len() as u64, ..Default::default() };
         for &r in &dirty {
             let first = r * self.intent.region_stripes;
             let last = (first + self.intent.region_stripes).min(self.geometry.stripes);
-            let (rep, skip) = self.resync_range(first, last, &records).await;
-            repaired += rep;
-            skipped += skip;
+            let done = self.resync_range(first, last, &records).await;
+            summary.repaired += done.repaired;
+            summary.skipped += done.skipped;
+            summary.adopted += done.adopted;
         }
         for m in &members {
             m.set_checksum_recovery(false);
@@ -283,10 +301,13 @@ impl Volume {
                 self.member_failed(m, &e).await;
             }
         }
-        if skipped > 0 {
-            tracing::warn!("{skipped} dirty stripe(s) could not be resynced: a member is lost (their parity may not match)");
+        if summary.skipped > 0 {
+            tracing::warn!("{} dirty stripe(s) could not be resynced: a member is lost (their parity may not match)", summary.skipped);
         }
-        *self.intent.resync.lock().unwrap_or_else(|p| p.into_inner()) = (dirty.len() as u64, repaired, skipped);
+        if summary.adopted > 0 {
+            tracing::info!("{} block(s) of writes not flushed before the unclean stop were taken as found (deferred checksum pages)", summary.adopted);
+        }
+        *self.intent.resync.lock().unwrap_or_else(|p| p.into_inner()) = summary;
         self.clean_intent().await;
     }
 

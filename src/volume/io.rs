@@ -20,7 +20,7 @@ use super::health::Health;
 use super::{combine, Volume, VolumeError};
 use crate::buf::{AlignedBuf, ALIGN};
 use crate::layout::{Level, Piece, StripeExtent};
-use crate::member::{Member, MemberError};
+use crate::member::{Member, MemberError, PageWrites};
 use crate::uring::BufRange;
 use futures::future::join_all;
 use std::future::Future;
@@ -53,6 +53,13 @@ pub(super) async fn member_read(member: &Arc<Member>, pos: u64, buf: &Arc<Aligne
 pub(super) async fn member_write(member: &Arc<Member>, pos: u64, buf: &Arc<AlignedBuf>, off: u64, len: u64) -> Result<(), Fault> {
     let range = BufRange::new(buf.clone(), off as usize, len as usize);
     member.write_at(pos, range).await.map_err(Fault::on(member))
+}
+
+/// A client's write to a member: its checksum pages ordered as the volume says.
+pub(super) async fn client_write(member: &Arc<Member>, pos: u64, buf: &Arc<AlignedBuf>, off: u64, len: u64, pages: PageWrites) -> Result<(), Fault> {
+    let range = BufRange::new(buf.clone(), off as usize, len as usize);
+    member.prepare_write(pos, &range, pages).await.map_err(Fault::on(member))?;
+    member.write_prepared(pos, range).await.map_err(Fault::on(member))
 }
 
 /// Runs every operation to completion (none may be left running: they hold stripe locks and
@@ -464,7 +471,7 @@ impl Volume {
                 _ => self.targets(h, s, p.shard),
             };
             for t in targets {
-                ops.push(async move { member_write(&t, self.member_pos(s, p.chunk_offset), buf, p.buf_offset, p.len).await });
+                ops.push(async move { client_write(&t, self.member_pos(s, p.chunk_offset), buf, p.buf_offset, p.len, self.page_writes).await });
             }
         }
         Attempt::Written(faults_of(ops).await)
@@ -489,7 +496,7 @@ impl Volume {
                 ops.push((t, pos, BufRange::new(src.clone(), off as usize, len as usize)));
             }
         }
-        let prepares = ops.iter().map(|(t, pos, range)| async move { t.prepare_write(*pos, range).await.map_err(Fault::on(t)) });
+        let prepares = ops.iter().map(|(t, pos, range)| async move { t.prepare_write(*pos, range, self.page_writes).await.map_err(Fault::on(t)) });
         let (logged, mut faults) = futures::join!(self.log_stripe_write(h, ext, lo, partial_parity), faults_of(prepares.collect::<Vec<_>>()));
         // A member that failed either first write is failing, and is taken out as a failed data
         // write would be; the others go on. Backing off instead would leave their checksum

@@ -79,6 +79,8 @@ pub struct Volume {
     engine: Arc<crate::uring::Engine>,
     /// Where the per-block checksums live on every member; `None` for a volume created without.
     checksums: Option<crate::member::ChecksumLayout>,
+    /// How client writes order their checksum pages (see `member::checksums`).
+    page_writes: crate::member::PageWrites,
     /// The partial-parity log (parity levels).
     ppl: Option<ppl::PartialParityLog>,
     /// Partial-stripe parts of aligned parity-level writes, waiting to be written together.

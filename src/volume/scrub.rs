@@ -54,6 +54,16 @@ struct BatchResult {
     blocks: u64,
 }
 
+/// What the crash resync of some stripes came to.
+pub(super) struct Resynced {
+    /// Stripes whose parity or mirrors disagreed and were rewritten.
+    pub repaired: u64,
+    /// Stripes that could not be made whole (a member is lost).
+    pub skipped: u64,
+    /// Blocks of deferred-page writes taken as found (see `Volume::adopt_unhealed`).
+    pub adopted: u64,
+}
+
 /// What one stripe of a scrub batch came to.
 enum Verdict {
     Consistent,
@@ -167,17 +177,17 @@ impl Volume {
     }
 
     /// Resync after a crash: makes stripes [first, end) consistent; a stripe with a lost shard
-    /// is made consistent from the partial-parity log `records`. Returns (stripes repaired,
-    /// stripes that could not be made whole).
-    pub(super) async fn resync_range(&self, first: u64, end: u64, records: &super::ppl::Records) -> (u64, u64) {
+    /// is made consistent from the partial-parity log `records`.
+    pub(super) async fn resync_range(&self, first: u64, end: u64, records: &super::ppl::Records) -> Resynced {
         let batch_stripes = (BATCH_BYTES / self.geometry.chunk).max(1);
-        let (mut repaired, mut skipped) = (0, 0);
+        let (mut repaired, mut skipped, mut adopted) = (0, 0, 0);
         let mut s = first;
         while s < end {
             let batch = batch_stripes.min(end - s);
             let _guards = self.locks.lock_all(s..s + batch).await;
             match self.scrub_batch(s, batch, true).await {
-                Ok(Some(BatchResult { verdicts: v, .. })) => {
+                Ok(Some(BatchResult { verdicts: v, healed, .. })) => {
+                    adopted += healed.adopted;
                     repaired += v.iter().filter(|v| matches!(v, Verdict::Mismatch)).count() as u64;
                     for (i, v) in v.iter().enumerate() {
                         if !matches!(v, Verdict::Skipped) {
@@ -201,7 +211,7 @@ impl Volume {
             }
             s += batch;
         }
-        (repaired, skipped)
+        Resynced { repaired, skipped, adopted }
     }
 
     /// Checks (and repairs) stripes [first, first + batch): every block against its checksum,

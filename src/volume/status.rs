@@ -40,6 +40,9 @@ pub struct VolumeStatus {
     /// Whether every block carries a checksum verified on each read.
     #[serde(default)]
     pub checksums: bool,
+    /// With checksums: whether client writes defer their checksum pages to the next flush.
+    #[serde(default)]
+    pub deferred_checksum_pages: bool,
     /// Blocks found damaged and blocks rewritten from redundancy, over every slot.
     #[serde(default)]
     pub checksum_errors: u64,
@@ -123,4 +126,7 @@ pub struct IntentStatus {
     pub resync_repaired: u64,
     /// Dirty stripes that could not be resynced because a member is lost.
     pub resync_skipped: u64,
+    /// Blocks of deferred-page writes cut off by the crash, taken as they were found.
+    #[serde(default)]
+    pub resync_adopted: u64,
 }

@@ -24,6 +24,7 @@ fn spec(dir: &std::path::Path, tag: &str, level: Level, n: usize, ec: Option<(u3
         members: (0..n).map(|i| dir.join(format!("{tag}-m{i}"))).collect(),
         force: false,
         checksums: true,
+        deferred_checksum_pages: false,
         write_hole_log: true,
     }
 }
