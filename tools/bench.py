@@ -55,7 +55,11 @@ NBRAID_LEVELS = {
     "raid1x2": (["--level", "raid1"], 2, 1),
     "raid5x4": (["--level", "raid5"], 4, 3),
     "ec4+2": (["--level", "ec", "--data", "4", "--parity", "2"], 6, 4),
+    # Opt-in variants, run only when named in --servers: checksum pages written at flushes.
+    "raid0x4-deferred": (["--level", "raid0", "--checksum-pages", "deferred"], 4, 4),
+    "raid5x4-deferred": (["--level", "raid5", "--checksum-pages", "deferred"], 4, 3),
 }
+OPT_IN_LEVELS = {"raid0x4-deferred", "raid5x4-deferred"}
 PEERS = ["nbdkit", "qemu-nbd"]
 # tools/nbd-floor.c, read-only and one connection at a time: the least a server can do for a
 # read here (sync: a blocking pread per request; uring: every read to the disk at once). They
@@ -478,7 +482,7 @@ def main():
     ap.add_argument("--volume-size", default="1GiB", help="volume size of every server (default 1GiB)")
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio run (default 5)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
-    ap.add_argument("--servers", default=",".join([f"nbraid-{n}" for n in NBRAID_LEVELS] + PEERS + FLOORS), help="comma-separated subset")
+    ap.add_argument("--servers", default=",".join([f"nbraid-{n}" for n in NBRAID_LEVELS if n not in OPT_IN_LEVELS] + PEERS + FLOORS), help="comma-separated subset")
     ap.add_argument("--profiles", default=",".join(p for p, _ in PROFILES), help="comma-separated subset")
     ap.add_argument("--skip", default="", help="comma-separated subset of raw,degraded,rebuild,memory to leave out")
     ap.add_argument("--memory-requests", type=int, default=128, help="requests per connection in the memory test (default 128)")
