@@ -68,6 +68,7 @@ use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 20;
 const DEGRADED_ROUNDS: usize = 5;
+const DEFERRED_ROUNDS: usize = 8;
 /// Large, sparse members: the writes touch small windows, so a resync must stay small.
 const MEMBER_SIZE: &str = "256MiB";
 /// Hang guard for fio to notice the dead daemon and exit.
@@ -567,6 +568,10 @@ fn rounds(tag: &str, args: &[&str], n: usize, nrounds: usize, remove_member: boo
     create(&a, &m);
     let mut model = Model { known: vec![0; WIN_BLOCKS], raw: HashMap::new() };
     let mut log = vec![];
+    // With deferred checksum pages a kill -9 leaves the table behind every write since the
+    // last flush: the resyncs must have taken some blocks as found. Ordered, never.
+    let deferred = args.contains(&"deferred");
+    let mut adopted = 0;
     for round in 0..nrounds {
         // a different member left out each round (raid5: 1 2 3 0 1, ec 4+2: 1 0 5 4 3)
         let gone = remove_member.then_some((round * 5 + 1) % n);
@@ -584,6 +589,9 @@ fn rounds(tag: &str, args: &[&str], n: usize, nrounds: usize, remove_member: boo
             assert_status(&status(&ctl), "degraded", &want, &what);
         }
         let intent = assert_resync(&ctl, &what, &d);
+        let round_adopted = intent["resync_adopted"].as_u64().unwrap_or_else(|| panic!("{what}: no intent.resync_adopted: {intent}"));
+        assert!(deferred || round_adopted == 0, "{what}: blocks adopted by a volume with ordered checksum pages: {intent}\n{}", d.context());
+        adopted += round_adopted;
         let (fresh, undefined) = writer_verify(&d, &mut model, &load.book, gone.is_some(), &what);
         let fio_read = fio_verify(&d, &state, round, &load.fio, &what);
 
@@ -630,7 +638,8 @@ fn rounds(tag: &str, args: &[&str], n: usize, nrounds: usize, remove_member: boo
             rebuild.map(|r| format!("; rebuild {r:?}")).unwrap_or_default()
         ));
     }
-    eprintln!("{tag}: {nrounds} rounds in {:?}\n{}", t0.elapsed(), log.join("\n"));
+    assert!(!deferred || adopted > 0, "{tag}: deferred checksum pages, yet no resync adopted a block in {nrounds} rounds");
+    eprintln!("{tag}: {nrounds} rounds in {:?}, {adopted} blocks adopted\n{}", t0.elapsed(), log.join("\n"));
 }
 
 #[test]
@@ -646,6 +655,22 @@ fn kill9_rounds_ec_4_2() {
 #[test]
 fn kill9_rounds_member_removed_raid5() {
     rounds("crash-r5-gone", &["--level", "raid5"], 4, DEGRADED_ROUNDS, true, false);
+}
+
+/// Deferred checksum pages: unflushed writes reach the members without their table pages.
+#[test]
+fn kill9_rounds_raid5_deferred_pages() {
+    rounds("crash-r5-def", &["--level", "raid5", "--checksum-pages", "deferred"], 4, DEFERRED_ROUNDS, false, false);
+}
+
+#[test]
+fn kill9_rounds_raid0_deferred_pages() {
+    rounds("crash-r0-def", &["--level", "raid0", "--checksum-pages", "deferred"], 4, DEFERRED_ROUNDS, false, false);
+}
+
+#[test]
+fn kill9_rounds_member_removed_raid5_deferred_pages() {
+    rounds("crash-r5-gone-def", &["--level", "raid5", "--checksum-pages", "deferred"], 4, DEGRADED_ROUNDS, true, false);
 }
 
 #[test]
