@@ -71,6 +71,31 @@ fn create_data_plus_parity_must_match_members() {
     assert_mentions(&stderr_of(&o), &["6", "data", "parity", "member"], "ec 4+2 on 7 members");
 }
 
+/// `--checksum-pages deferred` needs checksums; given them, `status` and `check` tell the mode.
+#[test]
+fn checksum_pages_mode_is_checked_and_shown() {
+    let dir = TestDir::new("cli-pages");
+    let m = dir.members("m", 3);
+    let o = create_fails(&["--level", "raid5", "--size", "8MiB", "--checksums", "off", "--checksum-pages", "deferred"], &m);
+    assert_mentions(&stderr_of(&o), &["--checksum-pages deferred needs --checksums on"], "deferred pages without checksums");
+    assert!(m.iter().all(|p| !p.exists()), "a refused create left member files behind");
+    let o = create_fails(&["--level", "raid5", "--size", "8MiB", "--checksum-pages", "lazy"], &m);
+    assert_mentions(&stderr_of(&o), &["ordered", "deferred"], "an unknown page mode");
+    for (mode, shown) in [("deferred", "block checksums: on, pages written at flushes;"), ("ordered", "block checksums: on;")] {
+        let m = dir.members(mode, 3);
+        create(&["--level", "raid5", "--size", "8MiB", "--checksum-pages", mode], &m);
+        let (d, ctl) = admin::start_admin(&dir, &m);
+        qemu_io(&d.uri(), &["write -P 0x3c 0 1M".into(), "flush".into()]);
+        let text = admin::admin_ok(&ctl, &["status"]);
+        assert!(text.contains(shown), "{mode}: status should say {shown:?}\n{text}");
+        let json: serde_json::Value = serde_json::from_str(&admin::admin_ok(&ctl, &["status", "--json"])).unwrap();
+        assert_eq!(json["deferred_checksum_pages"].as_bool(), Some(mode == "deferred"), "{mode}: {json}");
+        qemu_io(&d.uri(), &["read -P 0x3c 0 1M".into()]);
+        d.stop_ok();
+        check_clean(&m);
+    }
+}
+
 #[test]
 fn create_refuses_member_of_a_volume_without_force() {
     let dir = TestDir::new("cli-inuse");
