@@ -395,12 +395,18 @@ impl Member {
     /// follows makes them durable together with the data they describe.
     async fn write_deferred_pages(&self) -> Result<(), MemberError> {
         let Some(t) = self.checksums.get() else { return Ok(()) };
+        use futures::stream::{self, StreamExt};
+        // Bounded: between two flushes a large volume can change many thousands of pages, and
+        // each write holds a page-sized buffer. Every write runs to completion, even after one
+        // failed: none is left half done.
+        const PAGE_WRITES_IN_FLIGHT: usize = 64;
         let _flushing = t.flush_guard().await;
         let writes = t
             .take_pending()
             .into_iter()
             .map(|p| async move { t.persist(&p, |pos, bytes| self.transfer(Transfer::Write, pos, BufRange::whole(Arc::new(bytes)))).await });
-        futures::future::join_all(writes).await.into_iter().collect()
+        let results: Vec<Result<(), MemberError>> = stream::iter(writes).buffer_unordered(PAGE_WRITES_IN_FLIGHT).collect().await;
+        results.into_iter().collect()
     }
 
     /// Whether `block` (4096 bytes at member offset `pos`) is what the checksum table says is
