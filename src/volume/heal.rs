@@ -115,7 +115,7 @@ impl Volume {
             });
         }
         if adopted > 0 {
-            tracing::info!("crash resync: {adopted} block(s) written just before the unclean stop taken as they are (their checksums were deferred)");
+            tracing::debug!("crash resync: {adopted} block(s) written just before the unclean stop taken as they are (their checksums were deferred)");
         }
         adopted
     }
