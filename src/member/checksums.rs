@@ -225,6 +225,12 @@ impl ChecksumTable {
                 pages.push(b / ENTRIES_PER_PAGE);
             }
         }
+        self.note_changed(pages);
+    }
+
+    /// Counts a change of entries on each of `pages` (ascending), so that the next
+    /// [`ChecksumTable::unpersisted_pages`] writes them.
+    fn note_changed(&self, mut pages: Vec<u64>) {
         pages.dedup();
         for p in pages {
             self.pages[p as usize].updated.fetch_add(1, Ordering::AcqRel);
@@ -266,10 +272,7 @@ impl ChecksumTable {
                 }
             }
         }
-        settled_pages.dedup();
-        for p in settled_pages {
-            self.pages[p as usize].updated.fetch_add(1, Ordering::AcqRel);
-        }
+        self.note_changed(settled_pages);
         bad
     }
 

@@ -263,7 +263,12 @@ impl Member {
     /// Writes exactly `buf.len()` bytes at `offset`. In the checksummed data area the blocks'
     /// new checksums are made durable in the table first.
     pub async fn write_at(&self, offset: u64, buf: BufRange) -> Result<(), MemberError> {
-        self.prepare_write(offset, &buf, PageWrites::Ordered).await?;
+        self.write_with_pages(offset, buf, PageWrites::Ordered).await
+    }
+
+    /// [`Member::write_at`] with the checksum pages written as `pages` says.
+    pub async fn write_with_pages(&self, offset: u64, buf: BufRange, pages: PageWrites) -> Result<(), MemberError> {
+        self.prepare_write(offset, &buf, pages).await?;
         self.write_prepared(offset, buf).await
     }
 

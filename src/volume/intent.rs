@@ -6,6 +6,7 @@
 //! before the write it covers is issued; only the first write to a clean region pays for it.
 
 use super::health::Health;
+use super::scrub::Resynced;
 use super::status::IntentStatus;
 use super::Volume;
 use crate::member::{Identity, Member};
@@ -50,13 +51,11 @@ impl Regions {
     }
 }
 
-/// What the crash resync at start came to.
+/// What the crash resync at start came to: the dirty regions, and what resyncing them did.
 #[derive(Debug, Default, Clone, Copy)]
 struct ResyncSummary {
     regions: u64,
-    repaired: u64,
-    skipped: u64,
-    adopted: u64,
+    done: Resynced,
 }
 
 pub(super) struct Intent {
@@ -207,9 +206,9 @@ impl Intent {
             regions: self.regions,
             dirty_regions: self.dirty_count(),
             resync_regions: r.regions,
-            resync_repaired: r.repaired,
-            resync_skipped: r.skipped,
-            resync_adopted: r.adopted,
+            resync_repaired: r.done.repaired,
+            resync_skipped: r.done.skipped,
+            resync_adopted: r.done.adopted,
         }
     }
 }
@@ -290,10 +289,7 @@ impl Volume {
         for &r in &dirty {
             let first = r * self.intent.region_stripes;
             let last = (first + self.intent.region_stripes).min(self.geometry.stripes);
-            let done = self.resync_range(first, last, &records).await;
-            summary.repaired += done.repaired;
-            summary.skipped += done.skipped;
-            summary.adopted += done.adopted;
+            summary.done.add(self.resync_range(first, last, &records).await);
         }
         for m in &members {
             m.set_checksum_recovery(false);
@@ -301,11 +297,11 @@ impl Volume {
                 self.member_failed(m, &e).await;
             }
         }
-        if summary.skipped > 0 {
-            tracing::warn!("{} dirty stripe(s) could not be resynced: a member is lost (their parity may not match)", summary.skipped);
+        if summary.done.skipped > 0 {
+            tracing::warn!("{} dirty stripe(s) could not be resynced: a member is lost (their parity may not match)", summary.done.skipped);
         }
-        if summary.adopted > 0 {
-            tracing::info!("{} block(s) of writes not flushed before the unclean stop were taken as found (deferred checksum pages)", summary.adopted);
+        if summary.done.adopted > 0 {
+            tracing::info!("{} block(s) of writes not flushed before the unclean stop were taken as found (deferred checksum pages)", summary.done.adopted);
         }
         *self.intent.resync.lock().unwrap_or_else(|p| p.into_inner()) = summary;
         self.clean_intent().await;

@@ -58,8 +58,7 @@ pub(super) async fn member_write(member: &Arc<Member>, pos: u64, buf: &Arc<Align
 /// A client's write to a member: its checksum pages ordered as the volume says.
 pub(super) async fn client_write(member: &Arc<Member>, pos: u64, buf: &Arc<AlignedBuf>, off: u64, len: u64, pages: PageWrites) -> Result<(), Fault> {
     let range = BufRange::new(buf.clone(), off as usize, len as usize);
-    member.prepare_write(pos, &range, pages).await.map_err(Fault::on(member))?;
-    member.write_prepared(pos, range).await.map_err(Fault::on(member))
+    member.write_with_pages(pos, range, pages).await.map_err(Fault::on(member))
 }
 
 /// Runs every operation to completion (none may be left running: they hold stripe locks and

@@ -55,6 +55,7 @@ struct BatchResult {
 }
 
 /// What the crash resync of some stripes came to.
+#[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Resynced {
     /// Stripes whose parity or mirrors disagreed and were rewritten.
     pub repaired: u64,
@@ -62,6 +63,14 @@ pub(super) struct Resynced {
     pub skipped: u64,
     /// Blocks of deferred-page writes taken as found (see `Volume::adopt_unhealed`).
     pub adopted: u64,
+}
+
+impl Resynced {
+    pub fn add(&mut self, o: Resynced) {
+        self.repaired += o.repaired;
+        self.skipped += o.skipped;
+        self.adopted += o.adopted;
+    }
 }
 
 /// What one stripe of a scrub batch came to.
