@@ -482,6 +482,14 @@ impl Member {
     /// deferred writes changed.
     pub async fn sync(&self) -> Result<(), MemberError> {
         self.write_deferred_pages().await?;
+        self.sync_writes().await
+    }
+
+    /// Makes completed writes durable but leaves deferred checksum pages queued for the next
+    /// [`Member::sync`]: for barriers that need the data on stable storage but are not a
+    /// client's flush (the write-hole log reusing a slot), which would otherwise write a page
+    /// for nearly every random write since the last one.
+    pub async fn sync_writes(&self) -> Result<(), MemberError> {
         let injected = match self.faults.is_armed() {
             true => match self.faults.apply(true, None).await {
                 Some(faults::Injected::Error(e)) => Some(e),

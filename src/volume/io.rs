@@ -691,10 +691,23 @@ impl Volume {
     /// Makes every completed write durable on every member in service. A member that cannot
     /// flush is failed: what it holds may not be durable.
     pub async fn flush(&self) -> Result<(), VolumeError> {
+        self.flush_members(true).await
+    }
+
+    /// Every write completed so far is durable, checksum pages deferred since the last
+    /// [`Volume::flush`] excepted: a barrier, not a client's flush.
+    pub(super) async fn flush_writes(&self) -> Result<(), VolumeError> {
+        self.flush_members(false).await
+    }
+
+    async fn flush_members(&self, with_deferred_pages: bool) -> Result<(), VolumeError> {
         let number = self.ppl.as_ref().map(|log| log.flush_begins());
         let h = self.health();
         let members = h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter()));
-        let syncs = members.map(|m| async move { m.sync().await.map_err(Fault::on(m)) });
+        let syncs = members.map(|m| async move {
+            let synced = if with_deferred_pages { m.sync().await } else { m.sync_writes().await };
+            synced.map_err(Fault::on(m))
+        });
         let faults = faults_of(syncs.collect::<Vec<_>>()).await;
         if !faults.is_empty() {
             self.fail_all_io(faults).await;

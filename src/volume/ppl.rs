@@ -185,7 +185,7 @@ impl Volume {
                 Acquired::NeedsFlushAfter(at) => {
                     let _one = log.flushing.lock().await;
                     if !log.flushed_after(at) {
-                        if let Err(e) = self.flush().await {
+                        if let Err(e) = self.flush_writes().await {
                             // The volume is failing: this write goes ahead unlogged rather than wait
                             // on a flush that cannot succeed.
                             tracing::warn!("write-hole log: flush before reusing a slot failed ({e}); writing stripe {s} without a record");

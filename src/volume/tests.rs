@@ -303,3 +303,38 @@ async fn deferred_checksum_pages_cost_one_write_and_survive_a_crash() {
         assert_eq!((report.dirty_regions, report.checksum_errors, report.unverified, report.inconsistent), (0, 0, 0, 0), "{tag}: {report:?}");
     }
 }
+
+/// The write-hole log reuses a ring slot only after a flush, but that barrier needs the stripe
+/// writes durable, not the deferred checksum pages: it must not write them. Otherwise random
+/// writes on a deferred raid5 volume pay a page write for nearly every block written since the
+/// last barrier, which is what deferring was for (measured: 5.7 device writes per 4 KiB write
+/// against 4.3 without). One block rewritten many times wraps its parity member's ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reusing_a_write_hole_log_slot_leaves_deferred_checksum_pages_to_the_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new().unwrap();
+    let mut s = spec(dir.path(), "wrap", Level::Raid5, 4, None);
+    s.deferred_checksum_pages = true;
+    create(&s, &engine).await.unwrap();
+    let vol = assemble(&s.members, &engine, Access::Exclusive).await.unwrap();
+    let slots = crate::meta::ppl::slots_for(CHUNK) as u64;
+    let writes = 4 * slots + 7;
+    let before = member_writes(&vol);
+    let mut last = Vec::new();
+    for i in 0..writes {
+        last = (0..4096u64).map(|b| (b * 31 + i * 7) as u8).collect();
+        vol.write(8192, AlignedBuf::from_slice(&last), false).await.unwrap();
+    }
+    // Each write: its record, data and parity; the ring wrapped four times meanwhile.
+    assert_eq!(member_writes(&vol) - before, 3 * writes, "member writes for {writes} rewrites of one block ({slots}-slot ring)");
+    // The client's flush writes the two pages the block changed: its own and its parity's.
+    let before = member_writes(&vol);
+    vol.flush().await.unwrap();
+    assert_eq!(member_writes(&vol) - before, 2, "page writes at the flush");
+    assert!(vol.read(8192, 4096).await.unwrap()[..] == last[..]);
+    vol.close().await;
+    drop(vol);
+    let vol = assemble(&s.members, &engine, Access::SharedReadOnly).await.unwrap();
+    let report = check(&vol).await.unwrap();
+    assert_eq!((report.checksum_errors, report.unverified, report.inconsistent), (0, 0, 0), "{report:?}");
+}
