@@ -88,6 +88,40 @@ fn sequential_writes_combine_partial_stripes_raid5() {
     check_clean(&members);
 }
 
+/// Small sequential writes at queue depth 1 on raid5 ×4 (a journal's pattern): none of them has
+/// a neighbour to combine with, so each would read old data and parity before writing (2 member
+/// reads per 4 KiB). The stripe cache reads each stripe's data once when the stream reaches it
+/// instead: about 3 reads per 48 writes. Then the parity it computed is put to the test: with a
+/// member failed, every block must still read back verified, part of them rebuilt from parity.
+#[test]
+fn small_sequential_writes_read_each_stripe_once_raid5() {
+    let dir = TestDir::new("fio-stream");
+    let members = volume(&dir, &["--level", "raid5"], 4, "16MiB");
+    let ctl = common::admin::ctl_path(&dir);
+    let d = Daemon::start_with(&dir, &members, &["--control", ctl.to_str().unwrap()]);
+    let member_reads = || -> u64 { status_json(&ctl)["slots"].as_array().unwrap().iter().map(|s| s["reads"].as_u64().unwrap()).sum() };
+    let streams: [&[&str]; 2] = [&["--rw=write", "--bs=4k", "--iodepth=1", "--size=6m"], &["--rw=write", "--bs=8k", "--iodepth=4", "--offset=6m", "--size=6m"]];
+    for job in streams {
+        let before = member_reads();
+        let mut a = job.to_vec();
+        a.extend(["--verify=crc32c", "--do_verify=0"]);
+        let v = fio_ctx(&fio_args(&d.uri(), &a), &|| d.context());
+        assert_eq!(fio_bytes(&v, "write"), 6 * MIB, "fio wrote less than asked");
+        let reads = member_reads() - before;
+        // 32 stripes of 192 KiB: 96 reads to load them, and some room for a stream start or
+        // two. Without the cache, 1536 writes of 4 KiB would read 3072 times.
+        assert!(reads < 200, "{reads} member reads for 6 MiB of sequential writes ({job:?}): the stripe cache did not serve them\n{}", d.context());
+    }
+    common::admin::admin_ok(&ctl, &["fail", "2"]);
+    for job in streams {
+        let mut a = job.to_vec();
+        a.extend(["--verify=crc32c", "--verify_only"]);
+        let v = fio_ctx(&fio_args(&d.uri(), &a), &|| d.context());
+        assert_eq!(fio_bytes(&v, "read"), 6 * MIB, "fio verified less than was written, with slot 2 failed");
+    }
+    d.stop_ok();
+}
+
 #[test]
 fn fio_verify_ec_4_2() {
     verify_run("fio-ec42", &["--level", "ec", "--data", "4", "--parity", "2"], 6);

@@ -193,6 +193,7 @@ fn from_members(found: Vec<(Member, Superblock)>, engine: &Arc<Engine>) -> Resul
         locks: StripeLocks::default(),
         combiner: Default::default(),
         combining_writes: Default::default(),
+        stripe_cache: super::stripe_cache::StripeCache::new(geometry.stripe_data_bytes()),
         health: RwLock::new(Arc::new(health)),
         progress: Progress::new(reference.checkpoints.iter().copied()),
         meta: tokio::sync::Mutex::new(reference),

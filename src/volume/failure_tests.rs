@@ -40,13 +40,24 @@ fn errors() -> FaultPlan {
     FaultPlan { read_errors: true, write_errors: true, ..Default::default() }
 }
 
-/// Random writes applied to both the volume and the model.
+/// Writes applied to both the volume and the model: random ones, interleaved with a stream of
+/// small aligned ones (which the stripe cache serves, so it too sees failures and rebuilds).
 async fn scribble(vol: &Volume, model: &Mutex<Vec<u8>>, seed: u64, count: usize) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let size = vol.size() as usize;
-    for _ in 0..count {
-        let len = rng.gen_range(1..3 * CHUNK as usize);
-        let off = rng.gen_range(0..size - len);
+    let mut stream = rng.gen_range(0..size / 2) / 4096 * 4096;
+    for i in 0..count {
+        let (off, len) = if i % 2 == 0 {
+            let len = 4096 * rng.gen_range(1..3);
+            if stream + len > size {
+                stream = 0;
+            }
+            stream += len;
+            (stream - len, len)
+        } else {
+            let len = rng.gen_range(1..3 * CHUNK as usize);
+            (rng.gen_range(0..size - len), len)
+        };
         let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
         // The model is updated under the same ordering as the volume: one writer at a time.
         vol.write(off as u64, AlignedBuf::from_slice(&data), false).await.unwrap();

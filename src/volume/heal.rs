@@ -44,6 +44,9 @@ impl Volume {
         let g = self.geometry;
         let n = g.members as usize;
         let pos = self.member_pos(stripe, lo);
+        // Healing rewrites blocks with the data they should hold, which a cached copy of the
+        // stripe already has; dropping it keeps the rule that only a client write fills one.
+        self.stripe_cache.invalidate(stripe..stripe + 1);
         'attempt: loop {
             let h = self.health();
             let readable: Vec<Option<Arc<Member>>> = (0..n).map(|slot| h.readable(slot, stripe, &self.progress).cloned()).collect();

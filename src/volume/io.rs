@@ -17,6 +17,7 @@
 //! left; a stripe that has lost more shards than the level tolerates answers EIO.
 
 use super::health::Health;
+use super::stripe_cache::CachedStripe;
 use super::{combine, Volume, VolumeError};
 use crate::buf::{AlignedBuf, ALIGN};
 use crate::layout::{Level, Piece, StripeExtent};
@@ -524,6 +525,9 @@ impl Volume {
         let k = self.geometry.data_shards;
         let m = self.geometry.parity_shards;
         let chunk = self.geometry.chunk;
+        // Whatever this write turns out to be, the stripe's cached data is either brought up
+        // to date below or dropped with this.
+        let cached = self.stripe_cache.take(s);
         if ext.is_full_stripe(&self.geometry) {
             // Parity from the new data alone, no reads, whatever is degraded.
             let parity = self.encode_parity(ext.pieces.iter().map(|p| &buf[p.buf_offset as usize..][..chunk as usize]).collect(), chunk as usize)?;
@@ -535,27 +539,99 @@ impl Volume {
         let lo = ext.pieces.iter().map(|p| p.chunk_offset).min().unwrap_or(0);
         let hi = ext.pieces.iter().map(|p| p.chunk_offset + p.len).max().unwrap_or(0);
         let slab = hi - lo;
+        let span = self.data_span(ext);
         let all_readable = (0..k + m).all(|shard| h.readable(self.slot_of_shard(s, shard), s, &self.progress).is_some());
-        let parity = if all_readable {
-            let touched = ext.pieces.len();
-            let partially_covered = ext.pieces.iter().filter(|p| p.chunk_offset != lo || p.len != slab).count();
-            let rmw_reads = touched + m as usize;
-            let rcw_reads = (k as usize - touched) + partially_covered;
-            if rcw_reads < rmw_reads {
-                self.reconstruct_write_parity(h, ext, buf, lo, slab).await?
-            } else {
-                self.read_modify_write_parity(h, ext, buf, lo, slab).await?
+        let (parity, cached) = if all_readable {
+            let cached = match cached {
+                Some(c) => Some(c),
+                None if self.stripe_cache.comes_back(&span) => match self.load_stripe(h, s).await? {
+                    Ok(c) => Some(c),
+                    Err(faults) => return Ok(Attempt::ReadFailed(faults)),
+                },
+                None => None,
+            };
+            match cached {
+                Some(c) => (Ok(self.parity_from_cache(&c, ext, buf, lo, slab)?), Some(c)),
+                None => (self.read_for_parity(h, ext, buf, lo, slab).await?, None),
             }
         } else {
-            self.degraded_write_parity(h, ext, buf, lo, slab).await?
+            (self.degraded_write_parity(h, ext, buf, lo, slab).await?, None)
         };
+        self.stripe_cache.note_write(span);
         let (parity, partial_parity) = match parity {
             Ok(p) => p,
             Err(faults) => return Ok(Attempt::ReadFailed(faults)),
         };
         let mut writes: Vec<_> = ext.pieces.iter().map(|p| (p.shard, self.member_pos(s, p.chunk_offset), buf, p.buf_offset, p.len)).collect();
         writes.extend((0..m).map(|j| (k + j, self.member_pos(s, lo), &parity, j as u64 * slab, slab)));
-        Ok(self.write_shards_logged(h, ext, lo, Some(&partial_parity), writes).await)
+        let attempt = self.write_shards_logged(h, ext, lo, Some(&partial_parity), writes).await;
+        if let (Some(mut c), Attempt::Written(faults)) = (cached, &attempt) {
+            // Only a write every shard took leaves the members holding what the entry would.
+            if faults.is_empty() {
+                overlay_pieces(&mut c.data, ext, buf, 0, chunk);
+                self.stripe_cache.put(c);
+            }
+        }
+        Ok(attempt)
+    }
+
+    /// The volume bytes a stripe write's pieces cover, from the first to the end of the last.
+    fn data_span(&self, ext: &StripeExtent) -> std::ops::Range<u64> {
+        let base = ext.stripe * self.geometry.stripe_data_bytes();
+        let at = |p: &Piece| base + p.shard as u64 * self.geometry.chunk + p.chunk_offset;
+        let start = ext.pieces.iter().map(at).min().unwrap_or(base);
+        let end = ext.pieces.iter().map(|p| at(p) + p.len).max().unwrap_or(base);
+        start..end
+    }
+
+    /// Reads what a partial-stripe write on a readable stripe needs, by whichever of
+    /// read-modify-write and reconstruct-write reads fewer shards.
+    async fn read_for_parity(&self, h: &Health, ext: &StripeExtent, buf: &Arc<AlignedBuf>, lo: u64, slab: u64) -> ParityOutcome {
+        let k = self.geometry.data_shards as usize;
+        let m = self.geometry.parity_shards as usize;
+        let touched = ext.pieces.len();
+        let partially_covered = ext.pieces.iter().filter(|p| p.chunk_offset != lo || p.len != slab).count();
+        let rmw_reads = touched + m;
+        let rcw_reads = (k - touched) + partially_covered;
+        if rcw_reads < rmw_reads {
+            self.reconstruct_write_parity(h, ext, buf, lo, slab).await
+        } else {
+            self.read_modify_write_parity(h, ext, buf, lo, slab).await
+        }
+    }
+
+    /// Reads every data chunk of a readable stripe, for the stripe cache.
+    async fn load_stripe(&self, h: &Health, stripe: u64) -> Result<Result<CachedStripe, Vec<Fault>>, VolumeError> {
+        let k = self.geometry.data_shards;
+        let chunk = self.geometry.chunk;
+        // Read before the data: a membership change while the reads run discards the entry.
+        let generation = self.stripe_cache.generation();
+        let data = Arc::new(AlignedBuf::zeroed((k as u64 * chunk) as usize));
+        let reads = (0..k).map(|i| self.read_shard(h, stripe, i, (self.member_pos(stripe, 0), &data, i as u64 * chunk), chunk));
+        let faults = faults_of(reads.collect::<Vec<_>>()).await;
+        if !faults.is_empty() {
+            return Ok(Err(faults));
+        }
+        Ok(Ok(CachedStripe::new(stripe, generation, reclaim(data)?)))
+    }
+
+    /// Parity for a partial-stripe write from the stripe's cached data: nothing to read.
+    fn parity_from_cache(&self, c: &CachedStripe, ext: &StripeExtent, buf: &[u8], lo: u64, slab: u64) -> Result<(Arc<AlignedBuf>, Vec<u8>), VolumeError> {
+        let (chunk, slab_len) = (self.geometry.chunk as usize, slab as usize);
+        let mut slabs = AlignedBuf::zeroed(self.geometry.data_shards as usize * slab_len);
+        for (i, dst) in slabs.chunks_mut(slab_len).enumerate() {
+            dst.copy_from_slice(&c.data[i * chunk + lo as usize..][..slab_len]);
+        }
+        self.parity_over(slabs, ext, buf, lo, slab)
+    }
+
+    /// New parity and partial parity for a write, from the current data of every data shard's
+    /// slab [lo, lo + slab) (`slabs`, shard after shard).
+    fn parity_over(&self, mut slabs: AlignedBuf, ext: &StripeExtent, buf: &[u8], lo: u64, slab: u64) -> Result<(Arc<AlignedBuf>, Vec<u8>), VolumeError> {
+        let data_len = self.geometry.data_shards as usize * slab as usize;
+        let partial_parity = self.partial_parity(slabs[..data_len].to_vec(), ext, lo, slab)?;
+        overlay_pieces(&mut slabs, ext, buf, lo, slab);
+        Ok((self.encode_parity(slabs[..data_len].chunks(slab as usize).collect(), slab as usize)?, partial_parity))
     }
 
     /// The first parity row of the stripe's current data slabs (`data`, k slabs of `slab`
@@ -600,10 +676,7 @@ impl Volume {
         if !faults.is_empty() {
             return Ok(Err(faults));
         }
-        let mut stripe = reclaim(stripe)?;
-        let partial_parity = self.partial_parity(stripe.to_vec(), ext, lo, slab)?;
-        overlay_pieces(&mut stripe, ext, buf, lo, slab);
-        Ok(Ok((self.encode_parity(stripe.chunks(slab as usize).collect(), slab as usize)?, partial_parity)))
+        Ok(Ok(self.parity_over(reclaim(stripe)?, ext, buf, lo, slab)?))
     }
 
     /// Reads the old bytes under each piece and the parity slab, then folds the difference
@@ -648,7 +721,6 @@ impl Volume {
     /// reconstruct the rest, overlay the new data and encode parity afresh.
     async fn degraded_write_parity(&self, h: &Health, ext: &StripeExtent, buf: &Arc<AlignedBuf>, lo: u64, slab: u64) -> ParityOutcome {
         let s = ext.stripe;
-        let k = self.geometry.data_shards as usize;
         let n = self.geometry.shards() as usize;
         let sources = self.pick_sources(h, s, None)?;
         let shards = Arc::new(AlignedBuf::zeroed(n * slab as usize));
@@ -666,9 +738,7 @@ impl Volume {
             let mut slices: Vec<&mut [u8]> = shards.chunks_mut(slab as usize).collect();
             self.codec.reconstruct(&mut slices, &present).map_err(|e| VolumeError::Codec(e.to_string()))?;
         }
-        let partial_parity = self.partial_parity(shards[..k * slab as usize].to_vec(), ext, lo, slab)?;
-        overlay_pieces(&mut shards, ext, buf, lo, slab);
-        Ok(Ok((self.encode_parity(shards[..k * slab as usize].chunks(slab as usize).collect(), slab as usize)?, partial_parity)))
+        Ok(Ok(self.parity_over(shards, ext, buf, lo, slab)?))
     }
 
     /// Writes zeros over [offset, offset + len).

@@ -21,6 +21,7 @@ mod ppl;
 mod rebuild;
 mod scrub;
 pub mod status;
+mod stripe_cache;
 #[cfg(test)]
 mod tests;
 
@@ -87,6 +88,8 @@ pub struct Volume {
     combiner: combine::Combiner,
     /// Aligned parity-level writes in progress (see `Volume::write_combining`).
     combining_writes: std::sync::atomic::AtomicUsize,
+    /// Stripes that streams of small writes are working through (parity levels).
+    stripe_cache: stripe_cache::StripeCache,
 }
 
 impl Volume {
@@ -113,6 +116,9 @@ impl Volume {
 
     fn set_health(&self, h: Health) {
         *self.health.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(h);
+        // Cached stripes hold logical data, which a membership change does not alter; but
+        // which member serves what has changed, and nothing is gained by reasoning about it.
+        self.stripe_cache.clear();
     }
 
     /// Paths of the members serving each slot (`None` for a lost slot), for logs.

@@ -324,6 +324,9 @@ impl Volume {
     async fn read_batch(&self, slot: usize, target: &Arc<Member>, first: u64, end: u64, pools: &mut [BufPool]) -> Result<Option<ReadBatch<'_>>, BatchError> {
         let part_stripes = self.rebuild_part_stripes();
         let guards = self.locks.lock_all(first..end).await;
+        // The new member gets the data a cached stripe already holds; dropping the entries
+        // keeps the rule that only a client write fills the cache.
+        self.stripe_cache.invalidate(first..end);
         // Membership may have changed while waiting for the locks.
         let h = self.health();
         let Some((now_target, source)) = self.rebuild_target(&h, slot) else { return Ok(None) };

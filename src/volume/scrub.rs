@@ -227,6 +227,10 @@ impl Volume {
     /// then parity or mirrors of the stripes whose blocks all passed. `None` if a member failed
     /// on the way and the batch must be done again. Caller holds the stripe locks.
     async fn scrub_batch(&self, first: u64, batch: u64, repair: bool) -> Result<Option<BatchResult>, VolumeError> {
+        if repair {
+            // Repairs and resync writes change blocks under the stripe cache's feet.
+            self.stripe_cache.invalidate(first..first + batch);
+        }
         let g = self.geometry;
         let n = g.members as usize;
         let chunk = g.chunk as usize;
