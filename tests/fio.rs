@@ -112,6 +112,11 @@ fn small_sequential_writes_read_each_stripe_once_raid5() {
         // two. Without the cache, 1536 writes of 4 KiB would read 3072 times.
         assert!(reads < 200, "{reads} member reads for 6 MiB of sequential writes ({job:?}): the stripe cache did not serve them\n{}", d.context());
     }
+    // `status` tells the same story: the 1536 writes of 4 KiB took their parity from the
+    // cache but for one load per stripe (64 stripes in all) and the stream's very first write.
+    let cache = &status_json(&ctl)["stripe_cache"];
+    let (hits, loads) = (cache["hits"].as_u64().unwrap(), cache["loads"].as_u64().unwrap());
+    assert!(hits >= 1500 && (64..=96).contains(&loads), "stripe cache status: {cache}\n{}", d.context());
     common::admin::admin_ok(&ctl, &["fail", "2"]);
     for job in streams {
         let mut a = job.to_vec();

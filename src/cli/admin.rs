@@ -600,6 +600,13 @@ pub fn format_status(st: &VolumeStatus) -> String {
     } else {
         let _ = writeln!(out, "block checksums: off");
     }
+    if let Some(c) = &st.stripe_cache {
+        let _ = writeln!(
+            out,
+            "stripe cache: {} of {} stripes held; {} small write(s) took parity from it, {} stripe(s) read whole for streams",
+            c.stripes, c.capacity, c.hits, c.loads
+        );
+    }
     if let Some(scrub) = &st.scrub {
         let _ = writeln!(out, "{}", format_scrub(scrub));
     }
@@ -645,7 +652,8 @@ mod tests {
         assert_eq!(lines[9], "rebuild throttle: 200 MiB/s");
         assert_eq!(lines[10], "write-intent bitmap: 0 of 0 regions dirty (0 B per member each); resync at start: 0 regions, 0 stripes repaired, 0 skipped");
         assert_eq!(lines[11], "block checksums: on; 3 block(s) failed their checksum, 3 rewritten from redundancy");
-        assert_eq!(lines.len(), 12);
+        assert_eq!(lines[12], "stripe cache: 2 of 42 stripes held; 1530 small write(s) took parity from it, 35 stripe(s) read whole for streams");
+        assert_eq!(lines.len(), 13);
     }
 
     #[test]
@@ -655,6 +663,8 @@ mod tests {
         st.spares.clear();
         st.rebuilds.clear();
         st.max_rebuild_rate = None;
+        // As raid0 and raid1 report it: no stripe cache, no line for it.
+        st.stripe_cache = None;
         let text = format_status(&st);
         assert!(text.contains("4 members: optimal\n"), "{text}");
         assert!(text.contains("\nspares: none\n"), "{text}");

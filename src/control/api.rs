@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::path::PathBuf;
 
-pub use crate::volume::status::{RebuildStatus, ScrubStatus, SlotStatus, VolumeState, VolumeStatus};
+pub use crate::volume::status::{RebuildStatus, ScrubStatus, SlotStatus, StripeCacheStatus, VolumeState, VolumeStatus};
 
 /// A request from the CLI. Members are named by path or by slot number (`"2"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

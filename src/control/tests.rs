@@ -90,6 +90,7 @@ pub(crate) fn sample_status() -> VolumeStatus {
         deferred_checksum_pages: false,
         checksum_errors: 3,
         repaired_blocks: 3,
+        stripe_cache: Some(StripeCacheStatus { stripes: 2, capacity: 42, hits: 1530, loads: 35 }),
     }
 }
 

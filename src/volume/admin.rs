@@ -4,6 +4,7 @@
 use super::health::Health;
 use super::status::{RebuildStatus, SlotStatus, VolumeState, VolumeStatus};
 use super::Volume;
+use crate::layout::Level;
 use crate::member::{Access, FaultPlan, Member, MemberError};
 use crate::meta::superblock::uuid_string;
 use crate::meta::{SlotState, SuperblockError};
@@ -109,6 +110,7 @@ impl Volume {
             deferred_checksum_pages: self.page_writes == crate::member::PageWrites::Deferred,
             checksum_errors,
             repaired_blocks,
+            stripe_cache: matches!(g.level, Level::Raid5 | Level::Ec).then(|| self.stripe_cache.status()),
         }
     }
 

@@ -543,15 +543,18 @@ impl Volume {
         let all_readable = (0..k + m).all(|shard| h.readable(self.slot_of_shard(s, shard), s, &self.progress).is_some());
         let (parity, cached) = if all_readable {
             let cached = match cached {
-                Some(c) => Some(c),
+                Some(c) => Some((c, false)),
                 None if self.stripe_cache.comes_back(&span) => match self.load_stripe(h, s).await? {
-                    Ok(c) => Some(c),
+                    Ok(c) => Some((c, true)),
                     Err(faults) => return Ok(Attempt::ReadFailed(faults)),
                 },
                 None => None,
             };
             match cached {
-                Some(c) => (Ok(self.parity_from_cache(&c, ext, buf, lo, slab)?), Some(c)),
+                Some((c, loaded)) => {
+                    self.stripe_cache.count_use(loaded);
+                    (Ok(self.parity_from_cache(&c, ext, buf, lo, slab)?), Some(c))
+                }
                 None => (self.read_for_parity(h, ext, buf, lo, slab).await?, None),
             }
         } else {

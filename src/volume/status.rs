@@ -48,6 +48,20 @@ pub struct VolumeStatus {
     pub checksum_errors: u64,
     #[serde(default)]
     pub repaired_blocks: u64,
+    /// Parity levels: the stripes kept in memory for streams of small writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe_cache: Option<StripeCacheStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StripeCacheStatus {
+    /// Stripes held now, and at most.
+    pub stripes: u64,
+    pub capacity: u64,
+    /// Partial-stripe writes whose parity came from a cached stripe, with no reads.
+    pub hits: u64,
+    /// Stripes read whole because a stream of writes reached them.
+    pub loads: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

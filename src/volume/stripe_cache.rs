@@ -20,9 +20,11 @@
 //! Parity is not cached: it is encoded from the cached data every time, so nothing that
 //! repairs parity can leave an entry stale.
 
+use super::status::StripeCacheStatus;
 use crate::buf::AlignedBuf;
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Memory the cache may hold, in stripe data. A stream needs one stripe at a time; the rest
@@ -59,6 +61,8 @@ struct Inner {
 pub(super) struct StripeCache {
     inner: Mutex<Inner>,
     capacity: usize,
+    hits: AtomicU64,
+    loads: AtomicU64,
 }
 
 impl StripeCache {
@@ -67,7 +71,7 @@ impl StripeCache {
     pub fn new(stripe_data_bytes: u64) -> Self {
         let capacity = (BUDGET / stripe_data_bytes.max(1)) as usize;
         let inner = Inner { entries: VecDeque::with_capacity(capacity), generation: 0, recent: [const { None }; STREAMS], next_stream: 0 };
-        StripeCache { inner: Mutex::new(inner), capacity }
+        StripeCache { inner: Mutex::new(inner), capacity, hits: AtomicU64::new(0), loads: AtomicU64::new(0) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -99,6 +103,21 @@ impl StripeCache {
             inner.entries.pop_front();
         }
         inner.entries.push_back(entry);
+    }
+
+    /// Counts a write whose parity came from an entry it took: a hit, or a stripe it loaded.
+    pub fn count_use(&self, loaded: bool) {
+        let counter = if loaded { &self.loads } else { &self.hits };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn status(&self) -> StripeCacheStatus {
+        StripeCacheStatus {
+            stripes: self.lock().entries.len() as u64,
+            capacity: self.capacity as u64,
+            hits: self.hits.load(Ordering::Relaxed),
+            loads: self.loads.load(Ordering::Relaxed),
+        }
     }
 
     /// Drops the entries of `stripes`, which the caller holds locked and is about to write.
