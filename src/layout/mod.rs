@@ -284,6 +284,14 @@ impl StripeExtent {
     pub fn is_full_stripe(&self, g: &Geometry) -> bool {
         self.pieces.iter().map(|p| p.len).sum::<u64>() == g.stripe_data_bytes()
     }
+
+    /// The volume bytes the pieces cover, from the first one's start to the last one's end.
+    pub fn volume_span(&self, g: &Geometry) -> std::ops::Range<u64> {
+        let base = self.stripe * g.stripe_data_bytes();
+        let start = self.pieces.iter().map(|p| p.stripe_data_offset(g)).min().unwrap_or(0);
+        let end = self.pieces.iter().map(|p| p.stripe_data_offset(g) + p.len).max().unwrap_or(0);
+        base + start..base + end
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,4 +303,12 @@ pub struct Piece {
     pub len: u64,
     /// Offset within the caller's request buffer.
     pub buf_offset: u64,
+}
+
+impl Piece {
+    /// Offset of the piece within its stripe's data, which is in volume order: shard 0's chunk,
+    /// then shard 1's, and so on.
+    pub fn stripe_data_offset(&self, g: &Geometry) -> u64 {
+        self.shard as u64 * g.chunk + self.chunk_offset
+    }
 }

@@ -90,8 +90,12 @@ proptest! {
                 let want = g.locate(off + p.buf_offset);
                 prop_assert_eq!((want.stripe, want.shard, want.chunk_offset),
                                 (se.stripe, p.shard, p.chunk_offset));
+                // ...and stripe_data_offset is locate's inverse.
+                prop_assert_eq!(se.stripe * g.stripe_data_bytes() + p.stripe_data_offset(&g), off + p.buf_offset);
                 next_buf += p.len;
             }
+            let first = se.pieces[0].buf_offset;
+            prop_assert_eq!(se.volume_span(&g), off + first..off + next_buf);
             prop_assert_eq!(
                 se.is_full_stripe(&g),
                 se.pieces.iter().map(|p| p.len).sum::<u64>() == g.stripe_data_bytes()

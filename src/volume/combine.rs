@@ -88,18 +88,12 @@ pub(super) fn settle(offers: &[Offer], result: &Result<(), VolumeError>) {
 
 const B: u64 = crate::buf::ALIGN as u64;
 
-/// Offset of a piece within its stripe's data, which is in volume order: shard 0's chunk, then
-/// shard 1's, and so on.
-fn stripe_data_offset(p: &Piece, g: &Geometry) -> u64 {
-    p.shard as u64 * g.chunk + p.chunk_offset
-}
-
 /// Which blocks of a stripe's data the given parts' pieces write.
 fn coverage<'a>(parts: impl Iterator<Item = &'a [Piece]>, g: &Geometry) -> Vec<bool> {
     let mut covered = vec![false; (g.stripe_data_bytes() / B) as usize];
     for pieces in parts {
         for p in pieces {
-            covered[(stripe_data_offset(p, g) / B) as usize..][..(p.len / B) as usize].iter_mut().for_each(|c| *c = true);
+            covered[(p.stripe_data_offset(g) / B) as usize..][..(p.len / B) as usize].iter_mut().for_each(|c| *c = true);
         }
     }
     covered
@@ -116,7 +110,7 @@ pub(super) fn merge(parts: &[(&[u8], &[Piece])], g: &Geometry, stripe: u64) -> O
         return None;
     }
     let start = first * B;
-    let at = |p: &Piece| stripe_data_offset(p, g);
+    let at = |p: &Piece| p.stripe_data_offset(g);
     let mut out = AlignedBuf::zeroed((blocks * B) as usize);
     for (buf, pieces) in parts {
         for p in *pieces {

@@ -539,7 +539,7 @@ impl Volume {
         let lo = ext.pieces.iter().map(|p| p.chunk_offset).min().unwrap_or(0);
         let hi = ext.pieces.iter().map(|p| p.chunk_offset + p.len).max().unwrap_or(0);
         let slab = hi - lo;
-        let span = self.data_span(ext);
+        let span = ext.volume_span(&self.geometry);
         let all_readable = (0..k + m).all(|shard| h.readable(self.slot_of_shard(s, shard), s, &self.progress).is_some());
         let (parity, cached) = if all_readable {
             let cached = match cached {
@@ -576,15 +576,6 @@ impl Volume {
             }
         }
         Ok(attempt)
-    }
-
-    /// The volume bytes a stripe write's pieces cover, from the first to the end of the last.
-    fn data_span(&self, ext: &StripeExtent) -> std::ops::Range<u64> {
-        let base = ext.stripe * self.geometry.stripe_data_bytes();
-        let at = |p: &Piece| base + p.shard as u64 * self.geometry.chunk + p.chunk_offset;
-        let start = ext.pieces.iter().map(at).min().unwrap_or(base);
-        let end = ext.pieces.iter().map(|p| at(p) + p.len).max().unwrap_or(base);
-        start..end
     }
 
     /// Reads what a partial-stripe write on a readable stripe needs, by whichever of
