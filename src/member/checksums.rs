@@ -5,6 +5,11 @@
 //! Pages are written with group commit: writers that update entries of one page while a write
 //! of it is in flight are all covered by the next single write of that page.
 //!
+//! A durable record elsewhere on the member may stand in for a page write
+//! (`Member::prepare_write_logged`: the write-hole log carries the blocks' checksums). The page
+//! is then queued as a deferred one is, and after a crash the record's checksums are accepted
+//! too ([`ChecksumTable::also_accept`]).
+//!
 //! A volume created with deferred checksum pages lets client writes skip the page write: their
 //! entries change in memory and the page is queued, to be written by the member's next flush
 //! just before its fdatasync. A write acknowledged and then flushed is as safe as in ordered
@@ -81,6 +86,9 @@ pub(super) struct ChecksumTable {
     /// Right after a crash: a block holding its `previous` data is accepted (and the entry
     /// settled to it), since its write may have been cut off. Never while serving.
     recovering: AtomicBool,
+    /// Right after a crash, per block: further contents to accept, named by write-hole log
+    /// records that stood in for the block's page write (see [`ChecksumTable::also_accept`]).
+    logged: Mutex<std::collections::HashMap<u64, Vec<u32>>>,
 }
 
 tokio::task_local! {
@@ -120,6 +128,7 @@ impl ChecksumTable {
             pending: Mutex::new(pending),
             flushing: tokio::sync::Mutex::new(()),
             recovering: AtomicBool::new(false),
+            logged: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -133,6 +142,21 @@ impl ChecksumTable {
 
     pub fn set_recovering(&self, on: bool) {
         self.recovering.store(on, Ordering::SeqCst);
+        if !on {
+            self.logged.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+
+    /// While recovering, `block` may also hold data with `crc`: a write whose page was left to
+    /// the next flush because its write-hole log record carried the checksum instead.
+    pub fn also_accept(&self, block: u64, crc: u32) {
+        if block < self.layout.blocks() {
+            self.logged.lock().unwrap_or_else(|p| p.into_inner()).entry(block).or_default().push(crc);
+        }
+    }
+
+    fn logged_accepts(&self, block: u64, crc: u32) -> bool {
+        self.logged.lock().unwrap_or_else(|p| p.into_inner()).get(&block).is_some_and(|c| c.contains(&crc))
     }
 
     pub fn is_recovering(&self) -> bool {
@@ -192,6 +216,13 @@ impl ChecksumTable {
                 pending.pages.push(p.page);
             }
         }
+    }
+
+    /// The pages of blocks [first, first + count), each to be written up to the updates made
+    /// so far.
+    pub fn pages_of(&self, first: u64, count: u64) -> Vec<PagePersist> {
+        let pages = first / ENTRIES_PER_PAGE..(first + count).div_ceil(ENTRIES_PER_PAGE);
+        pages.map(|page| PagePersist { page, want: self.pages[page as usize].updated.load(Ordering::Acquire) }).collect()
     }
 
     /// Takes the queued pages, each to be written up to the updates made so far. The caller
@@ -262,11 +293,16 @@ impl ChecksumTable {
             let mut entries = self.entries();
             for (i, &crc) in crcs.iter().enumerate() {
                 let e = &mut entries[(first + i as u64) as usize];
+                let block = first + i as u64;
                 match e.judge(crc) {
                     Verdict::Current => {}
                     Verdict::Previous if recovering => {
                         *e = Entry { current: crc, previous: crc };
-                        settled_pages.push((first + i as u64) / ENTRIES_PER_PAGE);
+                        settled_pages.push(block / ENTRIES_PER_PAGE);
+                    }
+                    Verdict::Bad | Verdict::Unknown if recovering && self.logged_accepts(block, crc) => {
+                        *e = Entry { current: crc, previous: crc };
+                        settled_pages.push(block / ENTRIES_PER_PAGE);
                     }
                     Verdict::Previous | Verdict::Bad | Verdict::Unknown => bad.push(i as u64),
                 }
@@ -279,10 +315,11 @@ impl ChecksumTable {
     /// Whether the entry of `block` accepts `crc` as its content (an unknown entry accepts any).
     pub fn accepts(&self, block: u64, crc: u32) -> bool {
         let e = self.entries()[block as usize];
+        let recovering = self.recovering.load(Ordering::Relaxed);
         match e.judge(crc) {
             Verdict::Current | Verdict::Unknown => true,
-            Verdict::Previous => self.recovering.load(Ordering::Relaxed),
-            Verdict::Bad => false,
+            Verdict::Previous => recovering,
+            Verdict::Bad => recovering && self.logged_accepts(block, crc),
         }
     }
 
@@ -403,6 +440,27 @@ mod tests {
         // Nothing queued: a second flush writes nothing.
         flush_pending(&t, &written).await;
         assert_eq!(written.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn logged_contents_are_accepted_only_while_recovering() {
+        let t = table(8);
+        t.record(2, &[5]);
+        t.also_accept(2, 77);
+        t.also_accept(100, 1); // beyond the table: ignored
+        assert!(!t.accepts(2, 77), "serving: only the current content");
+        t.set_recovering(true);
+        assert!(t.accepts(2, 77) && t.accepts(2, 5) && !t.accepts(2, 78));
+        // Judged while recovering, the logged content settles the entry...
+        let block = [0u8; BLOCK as usize];
+        let crc = fmt::block_crc(&block);
+        t.also_accept(3, crc);
+        assert!(t.judge(3, &block).is_empty());
+        t.set_recovering(false);
+        assert!(t.accepts(3, crc), "settled");
+        // ...and the end of recovery forgets the rest.
+        t.set_recovering(true);
+        assert!(!t.accepts(2, 77), "forgotten at the end of the recovery");
     }
 
     #[test]

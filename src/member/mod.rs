@@ -290,6 +290,38 @@ impl Member {
         Ok(())
     }
 
+    /// [`Member::prepare_write`] with the page left to the next flush because a durable record
+    /// elsewhere on this member (the write-hole log) will carry the blocks' checksums instead:
+    /// returns them (`None` outside the checksummed area). If that record is not written after
+    /// all, [`Member::persist_pages_of`] must run before the data write.
+    pub fn prepare_write_logged(&self, offset: u64, buf: &BufRange) -> Result<Option<Vec<u32>>, MemberError> {
+        let (Some(t), Some((first, _))) = (self.checksums.get(), self.checksummed("write", offset, buf.len())?) else { return Ok(None) };
+        let crcs: Vec<u32> = buf.bytes().chunks(csum_fmt::BLOCK as usize).map(csum_fmt::block_crc).collect();
+        t.record_deferred(first, &crcs);
+        Ok(Some(crcs))
+    }
+
+    /// Makes the table pages of `len` bytes at `offset` durable now, covering every entry
+    /// recorded so far.
+    pub async fn persist_pages_of(&self, offset: u64, len: usize) -> Result<(), MemberError> {
+        let (Some(t), Some((first, count))) = (self.checksums.get(), self.checksummed("write", offset, len)?) else { return Ok(()) };
+        for p in t.pages_of(first, count) {
+            t.persist(&p, |pos, bytes| self.write_raw(pos, bytes)).await?;
+        }
+        Ok(())
+    }
+
+    /// While in crash recovery, the blocks from member offset `pos` may also hold data with
+    /// `crcs` (named by a write-hole log record).
+    pub fn also_accept_after_crash(&self, pos: u64, crcs: &[u32]) {
+        let Some(t) = self.checksums.get() else { return };
+        if let Some(Ok((first, _))) = t.blocks_of(pos, crcs.len() * csum_fmt::BLOCK as usize) {
+            for (i, &crc) in crcs.iter().enumerate() {
+                t.also_accept(first + i as u64, crc);
+            }
+        }
+    }
+
     /// The second half of [`Member::write_at`], only after [`Member::prepare_write`] of the
     /// same bytes succeeded.
     pub async fn write_prepared(&self, offset: u64, buf: BufRange) -> Result<(), MemberError> {

@@ -46,6 +46,8 @@ pub async fn check(volume: &Volume) -> Result<CheckReport, VolumeError> {
     report.dirty_regions = dirty.as_ref().map_or(volume.intent.regions, |d| d.len() as u64);
     if report.dirty_regions > 0 {
         // Offline, nothing is written: the settled entries are forgotten with the process.
+        let log = volume.read_partial_parity_log(&h).await;
+        volume.accept_logged_blocks(&h, &log);
         h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter())).for_each(|m| m.set_checksum_recovery(true));
     }
     let mut results = stream::iter(0..g.stripes).map(|s| async move { (s, volume.stripe_consistent(s).await) }).buffer_unordered(STRIPES_IN_FLIGHT);

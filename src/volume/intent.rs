@@ -258,7 +258,7 @@ impl Volume {
         // Read the on-disk bits before mapping writes the (clean) in-memory bits over them.
         let h = self.health();
         // Read at every start, not only after a crash: new records must number above old ones.
-        let records = self.read_partial_parity_log(&h).await;
+        let log = self.read_partial_parity_log(&h).await;
         let dirty: Vec<u64> = match self.dirty_regions_on_disk(&h).await {
             Some(d) => d.into_iter().collect(),
             None => {
@@ -284,12 +284,13 @@ impl Volume {
         // A block in a dirty region may hold the data from before its last write (cut off by
         // the crash): accepted while resyncing, and its checksum entry settled to it.
         let members: Vec<Arc<Member>> = h.slots.iter().flat_map(|e| e.member.iter().chain(e.replacement.iter())).cloned().collect();
+        self.accept_logged_blocks(&h, &log);
         members.iter().for_each(|m| m.set_checksum_recovery(true));
         let mut summary = ResyncSummary { regions: dirty.len() as u64, ..Default::default() };
         for &r in &dirty {
             let first = r * self.intent.region_stripes;
             let last = (first + self.intent.region_stripes).min(self.geometry.stripes);
-            summary.done.add(self.resync_range(first, last, &records).await);
+            summary.done.add(self.resync_range(first, last, &log.newest).await);
         }
         for m in &members {
             m.set_checksum_recovery(false);

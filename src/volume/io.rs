@@ -22,6 +22,7 @@ use super::{combine, Volume, VolumeError};
 use crate::buf::{AlignedBuf, ALIGN};
 use crate::layout::{Level, Piece, StripeExtent};
 use crate::member::{Member, MemberError, PageWrites};
+use crate::meta::ppl::{self as fmt_ppl, BlockCrcs};
 use crate::uring::BufRange;
 use futures::future::join_all;
 use std::future::Future;
@@ -490,21 +491,65 @@ impl Volume {
         writes: Vec<(u32, u64, &Arc<AlignedBuf>, u64, u64)>,
     ) -> Attempt {
         let stripe = ext.stripe;
+        let k = self.geometry.data_shards;
         let mut ops = Vec::new();
         for &(shard, pos, src, off, len) in &writes {
             for t in self.targets(h, stripe, shard) {
-                ops.push((t, pos, BufRange::new(src.clone(), off as usize, len as usize)));
+                ops.push((t, pos, BufRange::new(src.clone(), off as usize, len as usize), shard));
             }
         }
-        let prepares = ops.iter().map(|(t, pos, range)| async move { t.prepare_write(*pos, range, self.page_writes).await.map_err(Fault::on(t)) });
-        let (logged, mut faults) = futures::join!(self.log_stripe_write(h, ext, lo, partial_parity), faults_of(prepares.collect::<Vec<_>>()));
+        // The first parity shard is on the member that takes the stripe's record. In ordered
+        // mode the record carries the checksums of that shard's new blocks, and their table page
+        // waits for the next flush (a slot is reused only after a flush, which writes it): one
+        // durable write fewer per stripe write (measured in the README, Integrity). Only on the
+        // slot's own member, whose ring is read back after a crash; a replacement being built
+        // writes its pages first.
+        let ring_member = match self.page_writes {
+            PageWrites::Ordered => self.record_ring(h, ext, partial_parity.is_some()).and_then(|r| {
+                let m = h.readable(r, stripe, &self.progress)?;
+                h.slots[r].member.as_ref().filter(|own| Arc::ptr_eq(own, m))
+            }),
+            PageWrites::Deferred => None,
+        };
+        let pieces = ext.pieces.len().min(fmt_ppl::MAX_PIECES);
+        let logged_op = |t: &Arc<Member>, shard: u32, len: usize| {
+            shard == k && ring_member.is_some_and(|r| Arc::ptr_eq(r, t)) && fmt_ppl::fits(pieces, [len / BLOCK as usize])
+        };
+        let mut block_crcs = Vec::new();
+        let mut faults = Vec::new();
+        for (t, pos, range, shard) in &ops {
+            if logged_op(t, *shard, range.len()) {
+                match t.prepare_write_logged(*pos, range) {
+                    Ok(Some(crcs)) => block_crcs.push(BlockCrcs { shard: *shard, chunk_offset: *pos - self.member_pos(stripe, 0), crcs }),
+                    Ok(None) => {}
+                    Err(e) => faults.push(Fault::on(t)(e)),
+                }
+            }
+        }
+        let carried = !block_crcs.is_empty();
+        let prepares = ops
+            .iter()
+            .filter(|(t, _, range, shard)| !logged_op(t, *shard, range.len()))
+            .map(|(t, pos, range, _)| async move { t.prepare_write(*pos, range, self.page_writes).await.map_err(Fault::on(t)) });
+        let (logged, prepared) = futures::join!(self.log_stripe_write(h, ext, lo, partial_parity, block_crcs), faults_of(prepares.collect::<Vec<_>>()));
+        faults.extend(prepared);
         // A member that failed either first write is failing, and is taken out as a failed data
         // write would be; the others go on. Backing off instead would leave their checksum
         // entries naming data that never reached them. Without its record the stripe is exposed
         // to the write hole only if the daemon also crashes before the ring member is replaced.
         // The slot is held until the shard writes are done: it must not be reused before then.
         let _logged = match logged {
-            Ok(slot) => slot,
+            Ok(Some(slot)) => Some(slot),
+            Ok(None) => {
+                if carried {
+                    // No record after all (a flush to free a slot failed): the pages it was to
+                    // stand in for go out durably first, as any other.
+                    let persists = ops.iter().filter(|(t, _, range, shard)| logged_op(t, *shard, range.len()));
+                    let persists = persists.map(|(t, pos, range, _)| async move { t.persist_pages_of(*pos, range.len()).await.map_err(Fault::on(t)) });
+                    faults.extend(faults_of(persists.collect::<Vec<_>>()).await);
+                }
+                None
+            }
             Err(f) => {
                 faults.push(f);
                 None
@@ -513,8 +558,8 @@ impl Volume {
         let failed = |m: &Arc<Member>| faults.iter().any(|f| Arc::ptr_eq(&f.member, m));
         let writes: Vec<_> = ops
             .into_iter()
-            .filter(|(t, _, _)| !failed(t))
-            .map(|(t, pos, range)| async move { t.write_prepared(pos, range).await.map_err(Fault::on(&t)) })
+            .filter(|(t, _, _, _)| !failed(t))
+            .map(|(t, pos, range, _)| async move { t.write_prepared(pos, range).await.map_err(Fault::on(&t)) })
             .collect();
         faults.extend(faults_of(writes).await);
         Attempt::Written(faults)
@@ -758,10 +803,12 @@ impl Volume {
         self.flush_members(true).await
     }
 
-    /// Every write completed so far is durable, checksum pages deferred since the last
-    /// [`Volume::flush`] excepted: a barrier, not a client's flush.
+    /// Every write completed so far is durable: a barrier, not a client's flush. With deferred
+    /// checksum pages the pages wait for the client's [`Volume::flush`].
     pub(super) async fn flush_writes(&self) -> Result<(), VolumeError> {
-        self.flush_members(false).await
+        // Ordered mode defers only the pages that write-hole records stand in for, and a record
+        // may be overwritten only once its pages are on disk: this flush writes them.
+        self.flush_members(self.page_writes == PageWrites::Ordered).await
     }
 
     async fn flush_members(&self, with_deferred_pages: bool) -> Result<(), VolumeError> {

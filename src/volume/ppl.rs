@@ -7,7 +7,7 @@ use super::io::{faults_of, member_read, member_write, reclaim, Fault};
 use super::{Volume, VolumeError};
 use crate::buf::AlignedBuf;
 use crate::layout::StripeExtent;
-use crate::meta::ppl::{self as fmt, LoggedPiece, Record};
+use crate::meta::ppl::{self as fmt, BlockCrcs, LoggedPiece, Record};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -85,6 +85,15 @@ impl Drop for LogSlot<'_> {
 
 /// The newest valid record of each stripe found in the rings, with its partial parity.
 pub(super) type Records = HashMap<u64, (Record, Vec<u8>)>;
+
+/// What the rings held at start-up.
+#[derive(Default)]
+pub(super) struct LogContents {
+    pub newest: Records,
+    /// The block checksums of every valid record, with its stripe: contents those blocks may
+    /// hold after a crash although their table pages on disk predate them.
+    pub logged: Vec<(u64, BlockCrcs)>,
+}
 
 impl PartialParityLog {
     pub fn new(offset: u64, slots: u32, chunk: u64, members: usize) -> PartialParityLog {
@@ -167,18 +176,38 @@ impl Volume {
     /// returns once it is on the member (`None` when that member is lost: every data shard is
     /// then present and nothing needs the record). `partial_parity` covers rows [lo, lo + len);
     /// `None` for a full-stripe write.
-    pub(super) async fn log_stripe_write(&self, h: &Health, ext: &StripeExtent, lo: u64, partial_parity: Option<&[u8]>) -> Result<Option<LogSlot<'_>>, Fault> {
-        let Some(log) = &self.ppl else { return Ok(None) };
+    /// The member slot whose ring takes the record of a write to `ext` (`partial`: not a
+    /// full-stripe write), if a record is to be written: the ring of the stripe's first parity
+    /// member, unless that member is lost (every data shard is then present and nothing needs
+    /// the record).
+    pub(super) fn record_ring(&self, h: &Health, ext: &StripeExtent, partial: bool) -> Option<usize> {
+        let log = self.ppl.as_ref()?;
         let s = ext.stripe;
         let ring = self.geometry.shard_member(s, self.geometry.data_shards) as usize;
-        let Some(member) = h.readable(ring, s, &self.progress).cloned() else { return Ok(None) };
+        h.readable(ring, s, &self.progress)?;
         // Recovery treats a full-stripe record like no record at all (the stripe is whatever the
         // survivors encode), so one is written only to outrank an older partial record of this
         // stripe, still in the ring, whose partial parity the write makes stale. Writes to one
         // stripe are serialised by its lock, so no record for it can appear meanwhile.
-        if partial_parity.is_none() && !log.holds_record_for(ring, s) {
-            return Ok(None);
-        }
+        (partial || log.holds_record_for(ring, s)).then_some(ring)
+    }
+
+    /// Writes the record for a stripe write to the ring of [`Volume::record_ring`] and returns
+    /// once it is on the member (`None` if no record is due). `partial_parity` covers rows
+    /// [lo, lo + len); `None` for a full-stripe write. `block_crcs`: blocks on the ring's member
+    /// whose table page the record stands in for.
+    pub(super) async fn log_stripe_write(
+        &self,
+        h: &Health,
+        ext: &StripeExtent,
+        lo: u64,
+        partial_parity: Option<&[u8]>,
+        block_crcs: Vec<BlockCrcs>,
+    ) -> Result<Option<LogSlot<'_>>, Fault> {
+        let Some(log) = &self.ppl else { return Ok(None) };
+        let s = ext.stripe;
+        let Some(ring) = self.record_ring(h, ext, partial_parity.is_some()) else { return Ok(None) };
+        let Some(member) = h.readable(ring, s, &self.progress).cloned() else { return Ok(None) };
         let (slot, seq) = loop {
             match log.acquire(ring).await {
                 Acquired::Slot(slot, seq) => break (slot, seq),
@@ -204,6 +233,7 @@ impl Volume {
             full: partial_parity.is_none(),
             pieces: ext.pieces.iter().take(fmt::MAX_PIECES).map(|p| LoggedPiece { shard: p.shard, chunk_offset: p.chunk_offset, len: p.len }).collect(),
             parity_crc: crate::codec::crc32c(pp),
+            block_crcs,
         };
         let mut buf = AlignedBuf::zeroed(fmt::HEADER + pp.len());
         fmt::encode_header(&mut buf[..fmt::HEADER], &self.uuid, slot.slot as u32, &record);
@@ -217,11 +247,13 @@ impl Volume {
         Ok(Some(slot))
     }
 
-    /// Reads every readable member's ring: the newest valid record per stripe, and the next
-    /// sequence number and ring positions to continue from, so new records outrank old ones.
-    pub(super) async fn read_partial_parity_log(&self, h: &Health) -> Records {
-        let Some(log) = &self.ppl else { return Records::new() };
+    /// Reads every readable member's ring: the newest valid record per stripe and every
+    /// record's block checksums, and the next sequence number and ring positions to continue
+    /// from, so new records outrank old ones.
+    pub(super) async fn read_partial_parity_log(&self, h: &Health) -> LogContents {
+        let Some(log) = &self.ppl else { return LogContents::default() };
         let mut newest: Records = HashMap::new();
+        let mut logged = Vec::new();
         let mut max_seq = 0;
         for (ring, e) in h.slots.iter().enumerate() {
             let Some(m) = e.member.as_ref().filter(|_| h.readable(ring, 0, &self.progress).is_some()) else { continue };
@@ -244,6 +276,7 @@ impl Volume {
                 if ring_max.is_none_or(|(s, _)| r.seq > s) {
                     ring_max = Some((r.seq, slot));
                 }
+                logged.extend(r.block_crcs.iter().map(|b| (r.stripe, b.clone())));
                 if newest.get(&r.stripe).is_none_or(|(old, _)| r.seq > old.seq) {
                     newest.insert(r.stripe, (r.clone(), pp.to_vec()));
                 }
@@ -253,7 +286,22 @@ impl Volume {
             }
         }
         log.seq.fetch_max(max_seq + 1, Ordering::SeqCst);
-        newest
+        LogContents { newest, logged }
+    }
+
+    /// Before a crash resync (or an offline check of a volume that was not stopped cleanly):
+    /// the blocks that records name may hold what the records say, as well as what their table
+    /// entries say. Each record sits on the member holding the blocks it names.
+    pub(super) fn accept_logged_blocks(&self, h: &Health, contents: &LogContents) {
+        for (stripe, b) in &contents.logged {
+            if b.shard >= self.geometry.shards() {
+                continue;
+            }
+            let slot = self.geometry.shard_member(*stripe, b.shard) as usize;
+            if let Some(m) = h.slots.get(slot).and_then(|e| e.member.as_ref()) {
+                m.also_accept_after_crash(self.member_pos(*stripe, b.chunk_offset), &b.crcs);
+            }
+        }
     }
 
     /// After a crash, for a dirty stripe with exactly one shard lost: makes the stripe

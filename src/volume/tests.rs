@@ -232,10 +232,14 @@ fn member_writes(vol: &Volume) -> u64 {
 /// Deferred checksum pages: a client write costs its data write alone (ordered: a page write
 /// too); a crash before the flush leaves the table behind the data, and the resync at the next
 /// start takes those blocks as found instead of failing them, so every write reads back. A
-/// flushed write needs no adoption.
+/// flushed write needs no adoption. Ordered raid5 leaves the parity block's page to the flush
+/// too, its checksum being in the write-hole record: after the crash that record vouches for
+/// the block, so nothing is damaged, adopted or unverified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deferred_checksum_pages_cost_one_write_and_survive_a_crash() {
-    for (tag, level, n) in [("def-r0", Level::Raid0, 4), ("def-r1", Level::Raid1, 2), ("def-r5", Level::Raid5, 4), ("ord-r0", Level::Raid0, 4)] {
+    let cases =
+        [("def-r0", Level::Raid0, 4), ("def-r1", Level::Raid1, 2), ("def-r5", Level::Raid5, 4), ("ord-r0", Level::Raid0, 4), ("ord-r5", Level::Raid5, 4)];
+    for (tag, level, n) in cases {
         let deferred = tag.starts_with("def");
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::new().unwrap();
@@ -266,8 +270,10 @@ async fn deferred_checksum_pages_cost_one_write_and_survive_a_crash() {
                 (Level::Raid0, true) => 1.0,
                 (Level::Raid0, false) => 2.0,
                 (Level::Raid1, true) => 2.0,
-                // Read-modify-write: data and parity, plus the partial-parity record.
-                _ => 3.0,
+                // Read-modify-write: data and parity, plus the partial-parity record...
+                (_, true) => 3.0,
+                // ...and the data block's page (the parity's is in the record).
+                (_, false) => 4.0,
             };
             assert_eq!(per_write, want, "{tag}: member writes per 4 KiB client write");
             // Dropped without a flush or close: a crash as far as the members can tell.
@@ -337,6 +343,46 @@ async fn reusing_a_write_hole_log_slot_leaves_deferred_checksum_pages_to_the_flu
     let vol = assemble(&s.members, &engine, Access::SharedReadOnly).await.unwrap();
     let report = check(&vol).await.unwrap();
     assert_eq!((report.checksum_errors, report.unverified, report.inconsistent), (0, 0, 0), "{report:?}");
+}
+
+/// Ordered raid5: the write-hole record that vouches for a parity block whose page was left to
+/// the next flush may be overwritten only once that page is on disk. A parity block is written
+/// once, then its ring wraps twice under rewrites of another stripe; a crash then must leave
+/// nothing failing its checksum, though no record for the first write remains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_hole_record_is_overwritten_only_after_the_page_it_stands_in_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new().unwrap();
+    let s = spec(dir.path(), "wrap-ord", Level::Raid5, 4, None);
+    create(&s, &engine).await.unwrap();
+    let first = (0..4096u64).map(|b| (b * 13) as u8).collect::<Vec<u8>>();
+    let mut last = Vec::new();
+    let other;
+    {
+        let vol = assemble(&s.members, &engine, Access::Exclusive).await.unwrap();
+        let g = vol.geometry;
+        // Another stripe whose first parity shard is on the same member: the same ring.
+        other = (1..g.stripes).find(|&t| g.shard_member(t, g.data_shards) == g.shard_member(0, g.data_shards)).unwrap();
+        let stripe_bytes = g.data_shards as u64 * g.chunk;
+        vol.write(0, AlignedBuf::from_slice(&first), false).await.unwrap();
+        let slots = crate::meta::ppl::slots_for(g.chunk) as u64;
+        for i in 0..2 * slots + 3 {
+            last = (0..4096u64).map(|b| (b * 31 + i * 7) as u8).collect();
+            vol.write(other * stripe_bytes, AlignedBuf::from_slice(&last), false).await.unwrap();
+        }
+        // Dropped without a flush or close: a crash as far as the members can tell.
+    }
+    let vol = assemble(&s.members, &engine, Access::SharedReadOnly).await.unwrap();
+    let report = check(&vol).await.unwrap();
+    assert!(report.dirty_regions > 0, "{report:?}");
+    assert_eq!((report.checksum_errors, report.unverified, report.inconsistent), (0, 0, 0), "{report:?}");
+    drop(vol);
+    let vol = assemble(&s.members, &engine, Access::Exclusive).await.unwrap();
+    assert_eq!(vol.status().intent.resync_adopted, 0);
+    let stripe_bytes = vol.geometry.data_shards as u64 * vol.geometry.chunk;
+    assert!(vol.read(0, 4096).await.unwrap()[..] == first[..]);
+    assert!(vol.read(other * stripe_bytes, 4096).await.unwrap()[..] == last[..]);
+    vol.close().await;
 }
 
 /// Member reads so far, over every slot.
