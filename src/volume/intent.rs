@@ -337,6 +337,13 @@ impl Volume {
     /// Periodic: clears the bits of regions with no write since the last look, after making
     /// their writes durable.
     pub(super) async fn clean_intent(&self) {
+        // Past its tolerance the volume records no failure, so the members that dropped out are
+        // trusted again at the next start, although they may have missed their last writes and
+        // the checksum pages left to a flush they never got. Their dirty bits make that start
+        // resync those regions (and read the write-hole records vouching for such blocks).
+        if self.health().exhausted {
+            return;
+        }
         let candidates = self.intent.clean_candidates();
         if candidates.is_empty() {
             return;
