@@ -172,10 +172,6 @@ impl PartialParityLog {
 }
 
 impl Volume {
-    /// Writes the record for a stripe write to the ring of the stripe's first parity member and
-    /// returns once it is on the member (`None` when that member is lost: every data shard is
-    /// then present and nothing needs the record). `partial_parity` covers rows [lo, lo + len);
-    /// `None` for a full-stripe write.
     /// The member slot whose ring takes the record of a write to `ext` (`partial`: not a
     /// full-stripe write), if a record is to be written: the ring of the stripe's first parity
     /// member, unless that member is lost (every data shard is then present and nothing needs
