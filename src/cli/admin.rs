@@ -593,6 +593,9 @@ pub fn format_status(st: &VolumeStatus) -> String {
     if i.resync_adopted > 0 {
         let _ = writeln!(out, "  {} block(s) written just before the unclean stop were taken as found (their checksum pages were deferred)", i.resync_adopted);
     }
+    if i.resync_vouched > 0 {
+        let _ = writeln!(out, "  {} block(s) written just before the unclean stop matched the checksums in their write-hole records", i.resync_vouched);
+    }
     if st.checksums {
         let pages = if st.deferred_checksum_pages { "on, pages written at flushes" } else { "on" };
         let _ =

@@ -89,6 +89,8 @@ pub(super) struct ChecksumTable {
     /// Right after a crash, per block: further contents to accept, named by write-hole log
     /// records that stood in for the block's page write (see [`ChecksumTable::also_accept`]).
     logged: Mutex<std::collections::HashMap<u64, Vec<u32>>>,
+    /// Blocks judged good on a record's word since last taken ([`ChecksumTable::take_vouched`]).
+    vouched: AtomicU64,
 }
 
 tokio::task_local! {
@@ -129,6 +131,7 @@ impl ChecksumTable {
             flushing: tokio::sync::Mutex::new(()),
             recovering: AtomicBool::new(false),
             logged: Mutex::new(std::collections::HashMap::new()),
+            vouched: AtomicU64::new(0),
         }
     }
 
@@ -153,6 +156,11 @@ impl ChecksumTable {
         if block < self.layout.blocks() {
             self.logged.lock().unwrap_or_else(|p| p.into_inner()).entry(block).or_default().push(crc);
         }
+    }
+
+    /// How many blocks matched only a record's checksum since the last call.
+    pub fn take_vouched(&self) -> u64 {
+        self.vouched.swap(0, Ordering::Relaxed)
     }
 
     fn logged_accepts(&self, block: u64, crc: u32) -> bool {
@@ -303,6 +311,7 @@ impl ChecksumTable {
                     Verdict::Bad | Verdict::Unknown if recovering && self.logged_accepts(block, crc) => {
                         *e = Entry { current: crc, previous: crc };
                         settled_pages.push(block / ENTRIES_PER_PAGE);
+                        self.vouched.fetch_add(1, Ordering::Relaxed);
                     }
                     Verdict::Previous | Verdict::Bad | Verdict::Unknown => bad.push(i as u64),
                 }
@@ -456,6 +465,7 @@ mod tests {
         let crc = fmt::block_crc(&block);
         t.also_accept(3, crc);
         assert!(t.judge(3, &block).is_empty());
+        assert_eq!((t.take_vouched(), t.take_vouched()), (1, 0));
         t.set_recovering(false);
         assert!(t.accepts(3, crc), "settled");
         // ...and the end of recovery forgets the rest.

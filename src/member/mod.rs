@@ -311,6 +311,12 @@ impl Member {
         Ok(())
     }
 
+    /// Blocks found holding what a write-hole record (not their table entry) said, since the
+    /// last call.
+    pub fn take_checksums_vouched_by_log(&self) -> u64 {
+        self.checksums.get().map_or(0, |t| t.take_vouched())
+    }
+
     /// While in crash recovery, the blocks from member offset `pos` may also hold data with
     /// `crcs` (named by a write-hole log record).
     pub fn also_accept_after_crash(&self, pos: u64, crcs: &[u32]) {

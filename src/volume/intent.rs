@@ -56,6 +56,8 @@ impl Regions {
 struct ResyncSummary {
     regions: u64,
     done: Resynced,
+    /// Blocks whose checksum only a write-hole record knew.
+    vouched: u64,
 }
 
 pub(super) struct Intent {
@@ -209,6 +211,7 @@ impl Intent {
             resync_repaired: r.done.repaired,
             resync_skipped: r.done.skipped,
             resync_adopted: r.done.adopted,
+            resync_vouched: r.vouched,
         }
     }
 }
@@ -293,6 +296,7 @@ impl Volume {
             summary.done.add(self.resync_range(first, last, &log.newest).await);
         }
         for m in &members {
+            summary.vouched += m.take_checksums_vouched_by_log();
             m.set_checksum_recovery(false);
             if let Err(e) = m.persist_checksums().await {
                 self.member_failed(m, &e).await;

@@ -143,4 +143,8 @@ pub struct IntentStatus {
     /// Blocks of deferred-page writes cut off by the crash, taken as they were found.
     #[serde(default)]
     pub resync_adopted: u64,
+    /// Blocks written just before the crash whose table page was left to a flush, found holding
+    /// what their write-hole record said (parity levels, ordered pages).
+    #[serde(default)]
+    pub resync_vouched: u64,
 }
